@@ -1,0 +1,146 @@
+"""The typed schema of `params.yaml`, and loading it with errors that name the key.
+
+Every knob of the pipeline is a field here. The schema is strict: a wrong type, an
+out-of-range value, an unknown or a missing key is refused before any work starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ddpm_core.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DataParams(_Section):
+    dataset: Literal["mnist"]
+    train_subset: int | None = Field(ge=1, le=60_000)
+
+
+class DiffusionParams(_Section):
+    timesteps: int = Field(ge=2)
+    schedule: Literal["linear", "cosine"]
+
+
+class ModelParams(_Section):
+    # One width per resolution level (28, 14, 7 pixels); GroupNorm uses 8 groups.
+    channels: list[Annotated[int, Field(ge=8, multiple_of=8)]] = Field(min_length=1, max_length=3)
+    blocks_per_level: int = Field(ge=1)
+    attention_heads: int = Field(ge=1)
+    dropout: float = Field(ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelParams:
+        if self.channels[-1] % self.attention_heads:
+            raise ValueError(
+                f"attention_heads ({self.attention_heads}) must divide the last width ({self.channels[-1]})"
+            )
+        return self
+
+
+class TrainParams(_Section):
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0.0)
+    weight_decay: float = Field(ge=0.0)
+    warmup_steps: int = Field(ge=0)
+    grad_clip: float = Field(gt=0.0)
+    ema_decay: float = Field(ge=0.0, lt=1.0)
+    precision: Literal["auto", "fp32", "bf16"]
+    preview_steps: int = Field(ge=1)
+    preview_guidance: float = Field(ge=0.0)
+
+
+class TrainCondParams(_Section):
+    p_uncond: float = Field(ge=0.0, le=1.0)
+
+
+class SampleParams(_Section):
+    sampler: Literal["ddpm", "ddim"]
+    steps: int = Field(ge=1)
+    guidance: float = Field(ge=0.0)
+    eta: float = Field(ge=0.0)
+    batch_size: int = Field(ge=1)
+
+
+class EvaluateParams(_Section):
+    num_samples: int = Field(ge=10)
+
+
+class Params(_Section):
+    seed: int = Field(ge=0)
+    epochs: int = Field(ge=1)
+    data: DataParams
+    diffusion: DiffusionParams
+    model: ModelParams
+    train: TrainParams
+    train_cond: TrainCondParams
+    sample: SampleParams
+    evaluate: EvaluateParams
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc:
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _describe(error: dict, source: str) -> str:
+    loc = tuple(p for p in error["loc"] if isinstance(p, str))
+    key = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        known = _known_keys(Params, loc[:-1])
+        near = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = f" (did you mean '{'.'.join(loc[:-1] + (near[0],))}'?)" if near else ""
+        allowed = ", ".join(known)
+        return f"{source}: unknown key '{key}'{hint}; allowed here: {allowed}"
+    if error["type"] == "missing":
+        return f"{source}: missing key '{key}'"
+    if error["type"] == "value_error":
+        return f"{source}: {key}: {error['msg'].removeprefix('Value error, ')}"
+    return f"{source}: {key} = {error.get('input')!r}: {error['msg']}"
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate a mapping (as read from YAML) into `Params`, or raise one `ConfigError`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e, source) for e in exc.errors()]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    return parse_params(raw, str(path))
+
+
+def flatten(params: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """`{'train.lr': 0.002, ...}`: the dotted keys DVC and MLflow use."""
+    flat: dict[str, Any] = {}
+    for name in type(params).model_fields:
+        value = getattr(params, name)
+        key = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            flat.update(flatten(value, key + "."))
+        else:
+            flat[key] = value
+    return flat

@@ -1,0 +1,57 @@
+"""Writing outputs atomically (never a half-written file) and loading checkpoints safely."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+import torch
+
+from ddpm_core.errors import DDPMError
+
+
+class CheckpointError(DDPMError):
+    """A checkpoint is missing, truncated, or not a plain tensor file."""
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call `write(f)` on a temporary file beside `path`, then rename it to `path`: a crash
+    or a full disk never leaves a truncated file under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """`torch.save` through `write_atomic`."""
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def load_safe(path: Path, map_location: str | torch.device = "cpu") -> Any:
+    """`torch.load(weights_only=True)`: tensors and plain containers only, never code."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint not found") from None
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: refused, not a plain weights file ({first})") from None
+    except (RuntimeError, EOFError) as exc:
+        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({exc})") from None

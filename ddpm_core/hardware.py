@@ -1,0 +1,67 @@
+"""Where tensors live and in what precision: the device, autocast and threads."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import platform
+from pathlib import Path
+from typing import Callable, ContextManager
+
+import torch
+
+
+def pick_device() -> torch.device:
+    """CUDA, then Apple's MPS, then the CPU. `DDPM_DEVICE=cpu` forces a choice."""
+    forced = os.environ.get("DDPM_DEVICE")
+    if forced:
+        return torch.device(forced)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU computes bf16 in hardware (AVX512-BF16, AMX, Arm BF16).
+
+    Without it oneDNN emulates bf16 and autocast is several times *slower* than fp32
+    (measured: 35 against 108 images/s on an AVX-512 Xeon without AVX512-BF16).
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    if platform.machine() in ("aarch64", "arm64"):
+        return " bf16" in flags
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Turn the `train.precision` param (auto, fp32, bf16) into fp32, bf16 or fp16."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return "bf16"
+    return "fp32"
+
+
+def autocast_factory(precision: str, device: torch.device) -> Callable[[], ContextManager]:
+    """A zero-argument function returning the autocast context for this precision."""
+    if precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
+
+
+def configure_threads() -> int:
+    """One intra-op thread per core unless the user set OMP_NUM_THREADS or DDPM_THREADS."""
+    threads = os.environ.get("DDPM_THREADS") or os.environ.get("OMP_NUM_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    return torch.get_num_threads()

@@ -1,0 +1,125 @@
+"""Reverse-process samplers and classifier-free guidance.
+
+A sampler is one object per method (as in diffusers' schedulers): it knows which
+timestep indices it visits and how to take one step from x_t to the next, given the
+model's noise estimate ε. It holds no network; `sample()` runs the loop.
+
+Both samplers work on x̂_0 = (x_t − √(1 − ᾱ_t) ε) / √ᾱ_t, optionally clipped to the data
+range [−1, 1], and on the ε consistent with that x̂_0. With that convention DDIM with
+η = 1 over all T steps is exactly DDPM with the posterior variance β̃_t.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, ContextManager
+
+import torch
+from torch import nn
+
+from ddpm_core.schedule import NoiseSchedule
+
+
+def _x0_and_eps(alpha_bar: torch.Tensor, xt: torch.Tensor, eps: torch.Tensor, clip: bool):
+    x0 = (xt - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+    if clip:
+        x0 = x0.clamp(-1, 1)
+        eps = (xt - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
+    return x0, eps
+
+
+class DDPMSampler:
+    """Ho et al. 2020, ancestral sampling over all T steps with σ_t² = β̃_t."""
+
+    def __init__(self, schedule: NoiseSchedule, clip_x0: bool = True):
+        self.schedule = schedule
+        self.clip_x0 = clip_x0
+        self.timesteps = torch.arange(schedule.timesteps - 1, -1, -1)
+
+    def step(self, xt: torch.Tensor, eps: torch.Tensor, i: int, noise: torch.Tensor) -> torch.Tensor:
+        t = int(self.timesteps[i])
+        ab_t = self.schedule.alpha_bar_at(torch.tensor(t))
+        ab_prev = self.schedule.alpha_bar_at(torch.tensor(t - 1))
+        beta_t = self.schedule.betas[t]
+        x0, _ = _x0_and_eps(ab_t, xt, eps, self.clip_x0)
+        # Posterior q(x_{t-1} | x_t, x_0): mean c0·x_0 + ct·x_t, variance β̃_t.
+        c0 = ab_prev.sqrt() * beta_t / (1 - ab_t)
+        ct = (1 - beta_t).sqrt() * (1 - ab_prev) / (1 - ab_t)
+        var = (1 - ab_prev) / (1 - ab_t) * beta_t
+        return (c0 * x0 + ct * xt + var.sqrt() * noise).to(xt.dtype)
+
+
+class DDIMSampler:
+    """Song et al. 2021. `steps` timesteps spaced evenly ending at T ("trailing" spacing,
+    Lin et al. 2024, so the first step starts from pure noise); η = 0 is deterministic."""
+
+    def __init__(self, schedule: NoiseSchedule, steps: int, eta: float = 0.0, clip_x0: bool = True):
+        if not 1 <= steps <= schedule.timesteps:
+            raise ValueError(f"DDIM steps must be in [1, {schedule.timesteps}], got {steps}")
+        self.schedule = schedule
+        self.eta = eta
+        self.clip_x0 = clip_x0
+        T = schedule.timesteps
+        self.timesteps = (torch.arange(steps, 0, -1, dtype=torch.float64) * (T / steps)).round().long() - 1
+
+    def step(self, xt: torch.Tensor, eps: torch.Tensor, i: int, noise: torch.Tensor) -> torch.Tensor:
+        t = int(self.timesteps[i])
+        t_prev = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else -1
+        ab_t = self.schedule.alpha_bar_at(torch.tensor(t))
+        ab_prev = self.schedule.alpha_bar_at(torch.tensor(t_prev))
+        x0, eps = _x0_and_eps(ab_t, xt, eps, self.clip_x0)
+        sigma = self.eta * ((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)).sqrt()
+        direction = (1 - ab_prev - sigma**2).clamp(min=0).sqrt()
+        return (ab_prev.sqrt() * x0 + direction * eps + sigma * noise).to(xt.dtype)
+
+
+def make_sampler(name: str, schedule: NoiseSchedule, steps: int, eta: float = 0.0):
+    if name == "ddpm":
+        return DDPMSampler(schedule)
+    if name == "ddim":
+        return DDIMSampler(schedule, steps, eta)
+    raise ValueError(f"unknown sampler {name!r}; choose 'ddpm' or 'ddim'")
+
+
+def guided_eps(
+    model: nn.Module, xt: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, guidance: float
+) -> torch.Tensor:
+    """Classifier-free guidance: ε = ε_∅ + w (ε_y − ε_∅), Ho & Salimans 2022.
+
+    w = 1 is the plain conditional model and w = 0 the unconditional one: each takes a
+    single network pass. Otherwise both passes run as one batch of twice the size.
+    """
+    if labels is None or guidance == 1:
+        return model(xt, t, labels)
+    null = torch.full_like(labels, model.null_class)
+    if guidance == 0:
+        return model(xt, t, null)
+    eps_cond, eps_null = model(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([labels, null])).chunk(2)
+    return eps_null + guidance * (eps_cond - eps_null)
+
+
+@torch.inference_mode()
+def sample(
+    model: nn.Module,
+    sampler,
+    shape: tuple[int, ...],
+    generator: torch.Generator,
+    labels: torch.Tensor | None = None,
+    guidance: float = 1.0,
+    device: torch.device | str = "cpu",
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Draw `shape` images in [−1, 1]. All noise comes from the CPU `generator`, so the
+    same seed gives the same images on any device (up to the device's arithmetic)."""
+    x = torch.randn(shape, generator=generator).to(device)
+    labels = labels.to(device) if labels is not None else None
+    for i, t in enumerate(sampler.timesteps.tolist()):
+        t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
+        with autocast():
+            eps = guided_eps(model, x, t_batch, labels, guidance).float()
+        noise = torch.randn(shape, generator=generator).to(device)
+        x = sampler.step(x, eps, i, noise)
+        if on_step is not None:
+            on_step(i, x)
+    return x.clamp(-1, 1)

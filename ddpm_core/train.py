@@ -1,0 +1,200 @@
+"""The training loop shared by the unconditional and the class-conditional model.
+
+AdamW with a linear warm-up and cosine decay, gradient clipping, EMA of the weights,
+autocast where it pays, a checkpoint after every epoch (from which an interrupted run
+resumes), and a sample grid from the EMA model after every epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm import tqdm
+
+from ddpm_core import hardware
+from ddpm_core.files import load_safe, save_atomic
+from ddpm_core.config import Params
+from ddpm_core.data import NUM_CLASSES, ImageSet, to_model_range
+from ddpm_core.diffusion import eps_loss
+from ddpm_core.ema import make_ema
+from ddpm_core.samplers import DDIMSampler, sample
+from ddpm_core.schedule import make_schedule
+from ddpm_core.seeding import restore_rng_state, rng_state, seed_everything
+from ddpm_core.unet import build_unet
+from ddpm_core.viz import image_grid
+
+PREVIEW_PER_CLASS = 8  # conditional grid: one row per class, this many columns
+PREVIEW_UNCOND = 64  # unconditional grid: 8 × 8
+
+
+class Tracker(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_image(self, image: np.ndarray, key: str, step: int) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    ema_state_dict: dict[str, torch.Tensor]
+    losses: list[float] = field(default_factory=list)  # mean training loss of each epoch
+    images_per_s: list[float] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)
+    precision: str = "fp32"
+    device: str = "cpu"
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """LR factor: linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def run_fingerprint(params: Params, conditional: bool) -> str:
+    """What a resumable checkpoint must agree on: everything that shapes the run."""
+    relevant = {
+        "conditional": conditional,
+        "seed": params.seed,
+        "epochs": params.epochs,
+        "data": params.data.model_dump(),
+        "diffusion": params.diffusion.model_dump(),
+        "model": params.model.model_dump(),
+        "train": params.train.model_dump(),
+        "train_cond": params.train_cond.model_dump() if conditional else None,
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def preview_grid(ema_model, params: Params, conditional: bool, device, autocast) -> np.ndarray:
+    """A fixed-noise sample grid: the same seed every epoch, so grids show progress."""
+    sampler = DDIMSampler(make_schedule(params.diffusion.schedule, params.diffusion.timesteps), params.train.preview_steps)
+    generator = torch.Generator().manual_seed(params.seed)
+    if conditional:
+        labels = torch.arange(NUM_CLASSES).repeat_interleave(PREVIEW_PER_CLASS)
+        images = sample(ema_model, sampler, (len(labels), 1, 28, 28), generator, labels, params.train.preview_guidance, device, autocast)
+        return image_grid(images, nrow=PREVIEW_PER_CLASS)
+    images = sample(ema_model, sampler, (PREVIEW_UNCOND, 1, 28, 28), generator, device=device, autocast=autocast)
+    return image_grid(images, nrow=int(math.sqrt(PREVIEW_UNCOND)))
+
+
+def train_diffusion(
+    data: ImageSet,
+    params: Params,
+    conditional: bool,
+    resume_path: Path,
+    tracker: Tracker | None = None,
+    name: str = "train",
+    device: torch.device | None = None,
+) -> TrainResult:
+    """Train ε_θ on `data` for `params.epochs` epochs and return the EMA weights.
+
+    After every epoch the full state (model, EMA, optimizer, LR schedule, RNG states,
+    losses so far) goes to `resume_path`; a later call with the same params continues
+    from there and ends with the same bytes as an uninterrupted run.
+    """
+    device = device or hardware.pick_device()
+    tp = params.train
+    generator = seed_everything(params.seed)
+    precision = hardware.resolve_precision(tp.precision, device)
+    autocast = hardware.autocast_factory(precision, device)
+
+    schedule = make_schedule(params.diffusion.schedule, params.diffusion.timesteps)
+    model = build_unet(params.model, NUM_CLASSES if conditional else None).to(device)
+    ema = make_ema(model, tp.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
+    steps_per_epoch = math.ceil(len(data) / tp.batch_size)
+    total_steps = steps_per_epoch * params.epochs
+    scheduler = LambdaLR(optimizer, lambda step: warmup_cosine(step, tp.warmup_steps, total_steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    fingerprint = run_fingerprint(params, conditional)
+    result = TrainResult(ema_state_dict={}, precision=precision, device=str(device))
+    start_epoch = 1
+    if resume_path.exists():
+        state = load_safe(resume_path)
+        if state.get("fingerprint") == fingerprint:
+            model.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            restore_rng_state(state["rng"], generator)
+            result.losses, result.images_per_s, result.epoch_seconds = state["losses"], state["images_per_s"], state["epoch_seconds"]
+            start_epoch = state["epoch"] + 1
+            print(f"{name}: resuming after epoch {state['epoch']} from {resume_path}")
+
+    images, labels = data.images, data.labels
+    null_class = NUM_CLASSES
+    for epoch in range(start_epoch, params.epochs + 1):
+        model.train()
+        order = torch.randperm(len(data), generator=generator)
+        loss_sum = torch.zeros((), device=device)
+        started = time.perf_counter()
+        bar = tqdm(range(steps_per_epoch), desc=f"{name} epoch {epoch}/{params.epochs}", unit="step", mininterval=1.0, dynamic_ncols=True)
+        for step in bar:
+            idx = order[step * tp.batch_size : (step + 1) * tp.batch_size]
+            x0 = to_model_range(images[idx]).to(device)
+            y = None
+            if conditional:
+                drop = torch.rand(len(idx), generator=generator) < params.train_cond.p_uncond
+                y = labels[idx].masked_fill(drop, null_class).to(device)
+            with autocast():
+                loss = eps_loss(model, schedule, x0, y, generator)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tp.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            ema.update_parameters(model)
+            loss_sum += loss.detach() * len(idx)
+            if step % 20 == 0:
+                rate = (step + 1) * tp.batch_size / (time.perf_counter() - started)
+                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}")
+        bar.close()
+
+        seconds = time.perf_counter() - started
+        mean_loss = loss_sum.item() / len(data)
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"{name}: loss became {mean_loss} in epoch {epoch}; the last good checkpoint is {resume_path}")
+        result.losses.append(mean_loss)
+        result.images_per_s.append(len(data) / seconds)
+        result.epoch_seconds.append(seconds)
+        lr = scheduler.get_last_lr()[0]
+        print(f"{name} epoch {epoch}: loss {mean_loss:.4f}, {len(data) / seconds:.0f} images/s, {seconds:.0f} s")
+
+        if tracker is not None:
+            ema.module.eval()
+            grid = preview_grid(ema.module, params, conditional, device, autocast)
+            tracker.log_metrics({"loss": mean_loss, "lr": lr, "images_per_s": len(data) / seconds, "epoch_seconds": seconds}, step=epoch)
+            tracker.log_image(grid, key="samples", step=epoch)
+
+        save_atomic(
+            {
+                "fingerprint": fingerprint,
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": rng_state(generator),
+                "losses": result.losses,
+                "images_per_s": result.images_per_s,
+                "epoch_seconds": result.epoch_seconds,
+            },
+            resume_path,
+        )
+
+    result.ema_state_dict = {k: v.detach().cpu().clone() for k, v in ema.module.state_dict().items()}
+    return result

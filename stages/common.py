@@ -1,0 +1,102 @@
+"""What every stage shares, and the only code that reads DVC's environment.
+
+- the repo root (DVC_ROOT under `dvc exp run --temp` and queued experiments, which run
+  in a temporary copy; the MLflow store and resume checkpoints live at the real root),
+- params.yaml, validated, and the keys this stage reads (taken from dvc.yaml, so the
+  list lives in one place),
+- the identity of this pipeline execution, which names its MLflow parent run,
+- turning a user error into one line on stderr and an exit status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Iterator
+
+import psutil
+import yaml
+
+from ddpm_core import tracking
+from ddpm_core.config import Params, flatten, load_params
+from ddpm_core.errors import DDPMError
+
+HERE = Path(__file__).resolve().parent
+
+
+def repo_root() -> Path:
+    """The real repository root: DVC_ROOT when DVC runs us, else this checkout."""
+    return Path(os.environ.get("DVC_ROOT") or HERE.parent).resolve()
+
+
+def resume_dir() -> Path:
+    """Per-epoch training state. Outside DVC's outputs, since DVC deletes those before a
+    stage reruns, and at the real root, since a --temp copy is deleted afterwards."""
+    return repo_root() / ".ddpm" / "resume"
+
+
+def data_mirror() -> Path | None:
+    """DDPM_DATA_MIRROR as a path; a relative one is taken from where the user typed it,
+    which under a --temp experiment is the real root, not the temporary copy."""
+    value = os.environ.get("DDPM_DATA_MIRROR")
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_absolute() and not path.exists():
+        path = repo_root() / path
+    return path
+
+
+def stage_keys(stage: str, params: Params) -> dict:
+    """The params listed for `stage` in dvc.yaml, flattened: what the stage reads."""
+    dvc_yaml = yaml.safe_load((HERE.parent / "dvc.yaml").read_text())
+    listed = dvc_yaml["stages"][stage].get("params", [])
+    flat = flatten(params)
+    return {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in listed)}
+
+
+def _dvc_process() -> psutil.Process | None:
+    """The `dvc` process that launched this stage, if any."""
+    for proc in psutil.Process().parents():
+        try:
+            argv = proc.cmdline()
+        except psutil.Error:
+            continue
+        if any(Path(a).name == "dvc" for a in argv[:2]) or argv[1:3] == ["-m", "dvc"]:
+            return proc
+    return None
+
+
+def pipeline_identity() -> tuple[str, str]:
+    """(id, name) of this pipeline execution; every stage of one `dvc repro` or
+    `dvc exp run` shares them. DDPM_PIPELINE_ID overrides, for scripts that call stages."""
+    exp_name = os.environ.get("DVC_EXP_NAME")
+    dvc = _dvc_process()
+    started = datetime.fromtimestamp(dvc.create_time() if dvc else psutil.Process().create_time())
+    anchor = f"{dvc.pid if dvc else os.getpid()}@{started.isoformat()}"
+    pipeline_id = os.environ.get("DDPM_PIPELINE_ID") or f"{exp_name or 'repro'}/{anchor}"
+    name = exp_name or f"repro {started:%Y-%m-%d %H:%M:%S}"
+    return pipeline_id, name
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: Params) -> Iterator[tracking.StageRun]:
+    """The MLflow child run of this stage, under this execution's parent run."""
+    pipeline_id, name = pipeline_identity()
+    with tracking.stage_run(repo_root(), pipeline_id, name, stage, flatten(params), stage_keys(stage, params)) as run:
+        yield run
+
+
+def main(stage_main: Callable[[Params], None]) -> None:
+    """Load params and run the stage; a user error becomes one line and an exit status."""
+    try:
+        stage_main(load_params("params.yaml"))
+    except DDPMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

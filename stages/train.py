@@ -1,0 +1,47 @@
+"""Stages train_uncond and train_cond: train a diffusion model on MNIST.
+
+Writes the EMA weights to models/<kind>.pt (a state_dict; load it with
+torch.load(path, weights_only=True)), the per-epoch mean loss to reports/loss_<kind>.csv
+and a summary to reports/train_<kind>.json. Logs params, per-epoch loss, learning rate,
+images/s and a sample grid to the stage's MLflow run. An interrupted run resumes from
+its last completed epoch when started again with the same params.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import common
+from ddpm_core.data import load_mnist
+from ddpm_core.files import save_atomic, write_text_atomic
+from ddpm_core.train import run_fingerprint, train_diffusion
+
+
+def run(params, kind: str):
+    stage = f"train_{kind}"
+    conditional = kind == "cond"
+    data = load_mnist(Path("data"), train=True, subset=params.data.train_subset)
+    resume_path = common.resume_dir() / f"{stage}-{run_fingerprint(params, conditional)}.pt"
+    with common.stage_run(stage, params) as run:
+        result = train_diffusion(data, params, conditional, resume_path, tracker=run, name=stage)
+        weights = Path("models") / f"{kind}.pt"
+        save_atomic(result.ema_state_dict, weights)
+        rows = "".join(f"{epoch},{loss:.6f}\n" for epoch, loss in enumerate(result.losses, start=1))
+        write_text_atomic(Path("reports") / f"loss_{kind}.csv", "epoch,loss\n" + rows)
+        summary = {
+            "final_loss": result.losses[-1],
+            "images_per_s": sum(result.images_per_s) / len(result.images_per_s),
+            "train_seconds": sum(result.epoch_seconds),
+        }
+        write_text_atomic(Path("reports") / f"train_{kind}.json", json.dumps(summary, indent=2) + "\n")
+        run.log_metrics(summary)
+        run.set_tags({"precision": result.precision, "device": result.device})
+        run.log_artifact(weights, "checkpoint")
+    resume_path.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("kind", choices=["uncond", "cond"], help="unconditional or class-conditional model")
+    args = parser.parse_args()
+    common.main(lambda params: run(params, args.kind))
