@@ -118,7 +118,8 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        lines = [_describe(e, source) for e in exc.errors()]
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")  # typos first
+        lines = [_describe(e, source) for e in errors]
         raise ConfigError("\n".join(lines)) from None
 
 

@@ -1,0 +1,73 @@
+import pytest
+import yaml
+
+from conftest import ROOT, tiny_raw
+from ddpm_core.config import flatten, load_params, parse_params
+from ddpm_core.errors import ConfigError
+
+
+def test_params_yaml_of_the_repo_is_valid_and_has_the_public_keys():
+    params = load_params(ROOT / "params.yaml")
+    flat = flatten(params)
+    for key in ("seed", "epochs", "data.train_subset", "sample.sampler", "sample.steps", "sample.guidance", "evaluate.num_samples"):
+        assert key in flat
+
+
+def error_of(**override) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_params(tiny_raw(**override))
+    return str(info.value)
+
+
+def test_wrong_type_names_key_and_value():
+    assert error_of(epochs="ten") == "params.yaml: epochs = 'ten': Input should be a valid integer"
+
+
+def test_out_of_range_values():
+    assert "epochs = 0: Input should be greater than or equal to 1" in error_of(epochs=0)
+    assert "sample.steps = -5" in error_of(sample={"steps": -5})
+    assert "sample.guidance = -1" in error_of(sample={"guidance": -1.0})
+    assert "data.train_subset = 70000" in error_of(data={"train_subset": 70000})
+
+
+def test_unknown_key_suggests_the_right_one():
+    raw = tiny_raw()
+    raw["epoch"] = raw.pop("epochs")
+    with pytest.raises(ConfigError) as info:
+        parse_params(raw)
+    lines = str(info.value).splitlines()
+    assert "params.yaml: unknown key 'epoch' (did you mean 'epochs'?)" in lines[0]
+    assert "params.yaml: missing key 'epochs'" in lines
+
+
+def test_unknown_nested_key():
+    raw = tiny_raw()
+    raw["sample"]["setps"] = 3
+    with pytest.raises(ConfigError, match=r"unknown key 'sample.setps' \(did you mean 'sample.steps'\?\)"):
+        parse_params(raw)
+
+
+def test_unknown_sampler_and_schedule_list_the_choices():
+    assert "sample.sampler = 'euler': Input should be 'ddpm' or 'ddim'" in error_of(sample={"sampler": "euler"})
+    assert "'linear' or 'cosine'" in error_of(diffusion={"schedule": "sigmoid"})
+
+
+def test_model_width_constraints():
+    assert "attention_heads (3) must divide the last width (32)" in error_of(model={"attention_heads": 3})
+    assert "model.channels.1 = 20: Input should be a multiple of 8" in error_of(model={"channels": [16, 20]})
+
+
+def test_missing_or_broken_file(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_params(tmp_path / "params.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: [1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+    bad.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_params(bad)
+
+
+def test_config_error_exit_code_is_two():
+    assert ConfigError.exit_code == 2

@@ -1,0 +1,125 @@
+import pytest
+import torch
+from torch import nn
+
+from ddpm_core.samplers import DDIMSampler, DDPMSampler, guided_eps, make_sampler, sample
+from ddpm_core.schedule import make_schedule
+
+
+class ConstantDataEps(nn.Module):
+    """The exact ε-predictor when every image is the constant `c` (per class: c[y])."""
+
+    def __init__(self, schedule, c, null_value=0.0):
+        super().__init__()
+        self.ab = schedule.alpha_bars.float()
+        self.c = torch.as_tensor(c, dtype=torch.float32)
+        self.null_value = null_value
+        self.null_class = len(self.c) if self.c.dim() else None
+        self.calls = 0
+        self.batch_sizes = []
+
+    def forward(self, xt, t, labels=None):
+        self.calls += 1
+        self.batch_sizes.append(xt.shape[0])
+        ab = self.ab[t].view(-1, 1, 1, 1)
+        if self.c.dim() == 0:
+            target = self.c
+        else:
+            table = torch.cat([self.c, torch.tensor([self.null_value])])
+            target = table[labels].view(-1, 1, 1, 1)
+        return (xt - ab.sqrt() * target) / (1 - ab).sqrt()
+
+
+@pytest.mark.parametrize("sampler_name,steps", [("ddpm", 1000), ("ddim", 50), ("ddim", 1)])
+def test_samplers_recover_a_point_mass(sampler_name, steps):
+    schedule = make_schedule("linear", 1000)
+    model = ConstantDataEps(schedule, 0.4)
+    sampler = make_sampler(sampler_name, schedule, steps)
+    out = sample(model, sampler, (4, 1, 3, 3), torch.Generator().manual_seed(0))
+    assert torch.allclose(out, torch.full_like(out, 0.4), atol=1e-4)
+    assert model.calls == len(sampler.timesteps)
+
+
+def test_ddim_with_eta_one_over_all_steps_is_ddpm():
+    schedule = make_schedule("linear", 1000)
+    torch.manual_seed(0)
+    net = nn.Conv2d(1, 1, 3, padding=1)
+    model = lambda x, t, labels: torch.tanh(net(x)) * (1 + t.view(-1, 1, 1, 1) / 1000)  # noqa: E731
+    shape = (3, 1, 6, 6)
+    with torch.no_grad():
+        a = sample(model, DDPMSampler(schedule), shape, torch.Generator().manual_seed(7))
+        b = sample(model, DDIMSampler(schedule, 1000, eta=1.0), shape, torch.Generator().manual_seed(7))
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_ddim_single_step_equals_ddpm_step_algebra():
+    schedule = make_schedule("cosine", 1000)
+    xt = torch.randn(2, 1, 4, 4)
+    eps = torch.randn_like(xt)
+    noise = torch.randn_like(xt)
+    for i in (0, 500, 998, 999):
+        ddpm = DDPMSampler(schedule).step(xt, eps, i, noise)
+        ddim = DDIMSampler(schedule, 1000, eta=1.0).step(xt, eps, i, noise)
+        assert torch.allclose(ddpm, ddim, atol=1e-5)
+
+
+def test_ddim_timesteps_are_trailing_and_within_range():
+    schedule = make_schedule("linear", 1000)
+    assert DDIMSampler(schedule, 1000).timesteps.tolist() == list(range(999, -1, -1))
+    ts = DDIMSampler(schedule, 50).timesteps
+    assert ts[0] == 999 and ts[-1] == 19 and len(ts) == 50
+    assert (ts.diff() == -20).all()
+    assert DDIMSampler(schedule, 1).timesteps.tolist() == [999]
+    with pytest.raises(ValueError):
+        DDIMSampler(schedule, 1001)
+
+
+def test_deterministic_ddim_ignores_noise():
+    schedule = make_schedule("linear", 1000)
+    sampler = DDIMSampler(schedule, 10, eta=0.0)
+    xt, eps = torch.randn(1, 1, 2, 2), torch.randn(1, 1, 2, 2)
+    assert torch.equal(sampler.step(xt, eps, 3, torch.zeros_like(xt)), sampler.step(xt, eps, 3, torch.randn_like(xt)))
+
+
+def test_guidance_one_is_a_single_conditional_pass():
+    schedule = make_schedule("linear", 1000)
+    model = ConstantDataEps(schedule, [0.2, -0.5])
+    xt, t, y = torch.randn(4, 1, 2, 2), torch.full((4,), 500), torch.tensor([0, 1, 0, 1])
+    eps = guided_eps(model, xt, t, y, 1.0)
+    assert model.calls == 1 and model.batch_sizes == [4]
+    assert torch.equal(eps, model(xt, t, y))
+
+
+def test_guidance_combines_conditional_and_null_in_one_batch():
+    schedule = make_schedule("linear", 1000)
+    model = ConstantDataEps(schedule, [0.2, -0.5], null_value=0.0)
+    xt, t, y = torch.randn(4, 1, 2, 2), torch.full((4,), 500), torch.tensor([0, 1, 0, 1])
+    eps = guided_eps(model, xt, t, y, 3.0)
+    assert model.batch_sizes == [8]
+    e_cond, e_null = model(xt, t, y), model(xt, t, torch.full_like(y, 2))
+    assert torch.allclose(eps, e_null + 3.0 * (e_cond - e_null), atol=1e-6)
+    model.batch_sizes.clear()
+    assert torch.allclose(guided_eps(model, xt, t, y, 0.0), e_null)
+    assert model.batch_sizes == [4]
+
+
+def test_guided_sampling_reaches_the_extrapolated_class_value():
+    # With exact ε for per-class constants, guidance w moves x̂_0 to null + w (c_y − null).
+    schedule = make_schedule("linear", 1000)
+    model = ConstantDataEps(schedule, [0.2, -0.3], null_value=0.0)
+    labels = torch.tensor([0, 1])
+    out = sample(model, DDIMSampler(schedule, 20), (2, 1, 2, 2), torch.Generator().manual_seed(0), labels, 2.0)
+    assert torch.allclose(out[0], torch.full((1, 2, 2), 0.4), atol=1e-4)
+    assert torch.allclose(out[1], torch.full((1, 2, 2), -0.6), atol=1e-4)
+
+
+def test_same_generator_seed_gives_same_samples():
+    schedule = make_schedule("linear", 100)
+    torch.manual_seed(0)
+    net = nn.Conv2d(1, 1, 3, padding=1)
+    model = lambda x, t, labels: net(x)  # noqa: E731
+    a = sample(model, DDIMSampler(schedule, 10, eta=0.5), (2, 1, 5, 5), torch.Generator().manual_seed(3))
+    b = sample(model, DDIMSampler(schedule, 10, eta=0.5), (2, 1, 5, 5), torch.Generator().manual_seed(3))
+    c = sample(model, DDIMSampler(schedule, 10, eta=0.5), (2, 1, 5, 5), torch.Generator().manual_seed(4))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
