@@ -20,11 +20,14 @@ from typing import Callable, Iterator
 import psutil
 import yaml
 
-from ddpm_core import tracking
-from ddpm_core.config import Params, flatten, load_params
-from ddpm_core.errors import DDPMError
-
 HERE = Path(__file__).resolve().parent
+# Import the ddpm_core of this checkout, not whichever one pip installed: a queued or
+# --temp experiment must run the library as it was when the experiment was made.
+sys.path.insert(0, str(HERE.parent))
+
+from ddpm_core import tracking  # noqa: E402
+from ddpm_core.config import Params, flatten, load_params  # noqa: E402
+from ddpm_core.errors import DDPMError  # noqa: E402
 
 
 def repo_root() -> Path:
