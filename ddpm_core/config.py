@@ -71,7 +71,16 @@ class SampleParams(_Section):
 
 
 class EvaluateParams(_Section):
-    num_samples: int = Field(ge=10)
+    num_samples: int = Field(ge=10, le=60_000)
+
+
+class EvaluatorParams(_Section):
+    """The MNIST classifier that judges samples; its own seed keeps it fixed across experiments."""
+
+    seed: int = Field(ge=0)
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0.0)
 
 
 class Params(_Section):
@@ -84,6 +93,7 @@ class Params(_Section):
     train_cond: TrainCondParams
     sample: SampleParams
     evaluate: EvaluateParams
+    evaluator: EvaluatorParams
 
 
 def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -134,14 +144,14 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return parse_params(raw, str(path))
 
 
-def flatten(params: BaseModel, prefix: str = "") -> dict[str, Any]:
-    """`{'train.lr': 0.002, ...}`: the dotted keys DVC and MLflow use."""
+def flatten(values: BaseModel | dict, prefix: str = "") -> dict[str, Any]:
+    """`{'train': {'lr': 0.002}}` → `{'train.lr': 0.002}`: the dotted keys of DVC and MLflow."""
+    if isinstance(values, BaseModel):
+        values = values.model_dump()
     flat: dict[str, Any] = {}
-    for name in type(params).model_fields:
-        value = getattr(params, name)
-        key = f"{prefix}{name}"
-        if isinstance(value, BaseModel):
-            flat.update(flatten(value, key + "."))
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
-            flat[key] = value
+            flat[f"{prefix}{key}"] = value
     return flat

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 
@@ -49,3 +50,9 @@ def restore_rng_state(state: dict, generator: torch.Generator) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def derived_seed(seed: int, purpose: str) -> int:
+    """A seed for one purpose ("sample/cond", …), fixed by `seed`, independent of others."""
+    digest = hashlib.sha256(f"{seed}/{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1

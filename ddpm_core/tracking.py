@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import mlflow
 import numpy as np
-from mlflow.entities import RunStatus
+from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from ddpm_core.config import flatten
 
 EXPERIMENT = "ddpm-mnist"
 PIPELINE_TAG = "ddpm.pipeline_id"
@@ -53,13 +56,18 @@ class StageRun:
         self.run_id = run_id
         self.parent_id = parent_id
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        for key, value in metrics.items():
-            self.client.log_metric(self.run_id, key, float(value), step=step or 0)
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        """Log numbers; nested dicts become dotted keys ({'acc': {'3': x}} → 'acc.3')."""
+        self._log(self.run_id, metrics, step)
 
-    def log_parent_metrics(self, metrics: dict[str, float]) -> None:
-        for key, value in metrics.items():
-            self.client.log_metric(self.parent_id, key, float(value))
+    def log_parent_metrics(self, metrics: dict) -> None:
+        """Log final numbers on the pipeline's parent run, where runs are compared."""
+        self._log(self.parent_id, metrics, None)
+
+    def _log(self, run_id: str, metrics: dict, step: int | None) -> None:
+        timestamp = int(time.time() * 1000)
+        entries = [Metric(k, float(v), timestamp, step or 0) for k, v in flatten(metrics).items()]
+        self.client.log_batch(run_id, metrics=entries)
 
     def log_image(self, image: np.ndarray, key: str, step: int) -> None:
         self.client.log_image(self.run_id, image, key=key, step=step)
@@ -67,9 +75,16 @@ class StageRun:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_parent_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.parent_id, str(path), artifact_path)
+
     def set_tags(self, tags: dict[str, Any]) -> None:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, str(value))
+
+    def set_parent_tags(self, tags: dict[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.parent_id, key, str(value))
 
 
 def _find_or_start_parent(client: MlflowClient, experiment_id: str, pipeline_id: str, pipeline_name: str, all_params: dict) -> str:
@@ -83,7 +98,7 @@ def _find_or_start_parent(client: MlflowClient, experiment_id: str, pipeline_id:
         return parent_id
     parent = client.create_run(experiment_id, run_name=pipeline_name, tags={PIPELINE_TAG: pipeline_id, ROLE_TAG: "pipeline"})
     params = _stringify(all_params)
-    client.log_batch(parent.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in params.items()])
+    client.log_batch(parent.info.run_id, params=[Param(k, v) for k, v in params.items()])
     return parent.info.run_id
 
 
@@ -112,7 +127,7 @@ def stage_run(
     run = StageRun(client, child.info.run_id, parent_id)
     if stage_params:
         params = _stringify(stage_params)
-        client.log_batch(run.run_id, params=[mlflow.entities.Param(k, v) for k, v in params.items()])
+        client.log_batch(run.run_id, params=[Param(k, v) for k, v in params.items()])
     status = "FAILED"
     try:
         yield run

@@ -1,15 +1,76 @@
-"""Pictures of samples: grids as uint8 arrays, ready for PNG files and MLflow."""
+"""Pictures: sample grids as uint8 arrays (for PNG files and MLflow), and the report's
+matplotlib figures (loss curves, per-class bars, grids side by side)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+import pandas as pd
 import torch
 from torchvision.utils import make_grid
 
 from ddpm_core.data import to_uint8
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def image_grid(images: torch.Tensor, nrow: int, padding: int = 2) -> np.ndarray:
     """(N, 1, H, W) images in [−1, 1] → one (rows·H, nrow·W) uint8 array, white on black."""
     grid = make_grid(images.float().cpu(), nrow=nrow, padding=padding, pad_value=-1.0)
     return to_uint8(grid[0]).numpy()
+
+
+def class_rows_grid(images: torch.Tensor, labels: torch.Tensor, per_row: int, num_classes: int = 10) -> np.ndarray:
+    """One row per class with the first `per_row` images of that class."""
+    rows = [images[labels == c][:per_row] for c in range(num_classes)]
+    if any(len(r) < per_row for r in rows):
+        raise ValueError(f"class_rows_grid needs {per_row} images of each class")
+    return image_grid(torch.cat(rows), nrow=per_row)
+
+
+def _figure(width: float, height: float):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def loss_curves(curves: dict[str, pd.DataFrame]) -> Figure:
+    """Mean training loss per epoch, one line per model (frames with columns epoch, loss)."""
+    fig = _figure(6, 3.5)
+    ax = fig.add_subplot()
+    for name, frame in curves.items():
+        ax.plot(frame["epoch"], frame["loss"], marker="o", label=name)
+    ax.set(xlabel="epoch", ylabel="mean ε-prediction loss (MSE)", title="Training loss")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def per_class_bars(per_class: dict[str, float], title: str, ylabel: str, reference: float | None = None) -> Figure:
+    fig = _figure(6, 3)
+    ax = fig.add_subplot()
+    classes = list(per_class)
+    values = [per_class[c] for c in classes]
+    bars = ax.bar(classes, values, color="tab:blue")
+    ax.bar_label(bars, labels=[f"{v:.3f}" for v in values], fontsize=7)
+    if reference is not None:
+        ax.axhline(reference, color="tab:red", lw=1, ls="--")
+    ax.set(xlabel="class", ylabel=ylabel, title=title, ylim=(0, max(1.0, max(values) * 1.15)))
+    return fig
+
+
+def grid_figure(panels: dict[str, np.ndarray]) -> Figure:
+    """Grids (uint8 arrays) side by side, each under its title."""
+    fig = _figure(4 * len(panels), 4.3)
+    for i, (title, grid) in enumerate(panels.items(), start=1):
+        ax = fig.add_subplot(1, len(panels), i)
+        ax.imshow(grid, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        ax.set_title(title)
+        ax.axis("off")
+    return fig

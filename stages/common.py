@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -51,6 +52,16 @@ def data_mirror() -> Path | None:
     if not path.is_absolute() and not path.exists():
         path = repo_root() / path
     return path
+
+
+def git_revision() -> str:
+    """The commit of the code being run, with "+changes" if the work tree differs from it."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return rev + ("+changes" if dirty else "")
 
 
 def stage_keys(stage: str, params: Params) -> dict:

@@ -1,0 +1,183 @@
+"""Judging generated digits: an MNIST classifier, FID in its feature space, accuracy.
+
+No Inception network: its weights would have to be downloaded, and its ImageNet
+features say little about 28×28 digits. FID here is torchmetrics'
+FrechetInceptionDistance with the classifier's penultimate layer as `feature=`, the
+convention of the diffusion-on-MNIST literature. Its values are therefore on this
+classifier's scale: compare them with the real-data floor computed beside them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from tqdm import tqdm
+
+from ddpm_core.data import NUM_CLASSES, ImageSet
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+class Classifier(nn.Module):
+    """A small VGG-style CNN; `features()` is the 128-d penultimate layer used for FID."""
+
+    num_features = 128
+
+    def __init__(self):
+        super().__init__()
+
+        def block(c_in, c_out):
+            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+        self.body = nn.Sequential(
+            *block(1, 32), nn.MaxPool2d(2),
+            *block(32, 64), *block(64, 64), nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * 7 * 7, self.num_features, bias=False), nn.BatchNorm1d(self.num_features), nn.ReLU(),
+        )  # fmt: skip
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(self.num_features, NUM_CLASSES))
+
+    @staticmethod
+    def normalize(images: torch.Tensor) -> torch.Tensor:
+        """uint8 [0, 255] or float [0, 1] images → the standardised network input."""
+        x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+        return (x - MNIST_MEAN) / MNIST_STD
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(self.normalize(images))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+
+class ClassifierFeatures(nn.Module):
+    """The `feature=` module for torchmetrics' FID: float images in [0, 1] → 128-d features."""
+
+    def __init__(self, classifier: Classifier):
+        super().__init__()
+        self.classifier = classifier.eval()
+        self.num_features = classifier.num_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier.features(images)
+
+
+def train_classifier(
+    train: ImageSet, epochs: int, batch_size: int, lr: float, seed: int, device: torch.device
+) -> Classifier:
+    """AdamW with a one-cycle schedule and random shifts of up to 2 pixels."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = Classifier().to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    steps = math.ceil(len(train) / batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps)
+    for epoch in range(1, epochs + 1):
+        model.train()
+        order = torch.randperm(len(train), generator=generator)
+        bar = tqdm(range(steps), desc=f"evaluator epoch {epoch}/{epochs}", unit="step", mininterval=1.0)
+        for step in bar:
+            idx = order[step * batch_size : (step + 1) * batch_size]
+            images = random_shift(train.images[idx], generator).to(device)
+            loss = F.cross_entropy(model(images), train.labels[idx].to(device), label_smoothing=0.05)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval()
+
+
+def random_shift(images: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
+    """Shift each image by its own random offset of up to `max_shift` pixels (zero fill).
+
+    torchvision's batched transforms draw one offset per batch, hence this loop.
+    """
+    size = images.shape[-1]
+    padded = F.pad(images, (max_shift,) * 4)
+    dx, dy = torch.randint(0, 2 * max_shift + 1, (2, images.shape[0]), generator=generator).tolist()
+    return torch.stack([p[:, y : y + size, x : x + size] for p, x, y in zip(padded, dx, dy)])
+
+
+@torch.inference_mode()
+def predict(classifier: Classifier, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Predicted class of each uint8 image (N, 1, 28, 28)."""
+    device = next(classifier.parameters()).device
+    classifier.eval()
+    return torch.cat([classifier(chunk.to(device)).argmax(1).cpu() for chunk in images.split(batch_size)])
+
+
+def accuracy(predicted: torch.Tensor, target: torch.Tensor) -> tuple[float, dict[int, float]]:
+    """Overall accuracy and the accuracy within each target class present."""
+    correct = predicted == target
+    per_class = {int(c): correct[target == c].float().mean().item() for c in target.unique().tolist()}
+    return correct.float().mean().item(), per_class
+
+
+def class_histogram(predicted: torch.Tensor) -> tuple[list[float], float]:
+    """Fraction of images predicted as each class, and the largest |fraction − 1/10|."""
+    fractions = torch.bincount(predicted, minlength=NUM_CLASSES).double() / predicted.numel()
+    return fractions.tolist(), (fractions - 1 / NUM_CLASSES).abs().max().item()
+
+
+class FeatureFID:
+    """FID against one fixed reference set, in the classifier's feature space.
+
+    The reference statistics are computed once; `score(images)` compares any number of
+    image sets with them.
+    """
+
+    def __init__(self, classifier: Classifier, reference: torch.Tensor, batch_size: int = 1000):
+        self.batch_size = batch_size
+        device = next(classifier.parameters()).device
+        self.metric = FrechetInceptionDistance(
+            feature=ClassifierFeatures(classifier), normalize=True, reset_real_features=False
+        ).to(device)
+        self._update(reference, real=True)
+
+    @torch.inference_mode()
+    def _update(self, images: torch.Tensor, real: bool) -> None:
+        device = self.metric.device
+        for chunk in images.split(self.batch_size):
+            self.metric.update(chunk.to(device).float() / 255, real=real)
+
+    def score(self, images: torch.Tensor) -> float:
+        """FID between uint8 images (N, 1, 28, 28) and the reference set."""
+        self.metric.reset()
+        self._update(images, real=False)
+        return max(0.0, self.metric.compute().item())
+
+
+def evaluate_samples(
+    classifier: Classifier,
+    test_images: torch.Tensor,
+    train_images: torch.Tensor,
+    uncond_images: torch.Tensor,
+    cond_images: torch.Tensor,
+    cond_labels: torch.Tensor,
+) -> dict:
+    """FID of both sample sets against the test set, beside the real-data floor (the FID
+    of as many real training images); conditional accuracy; the unconditional class spread.
+    """
+    fid = FeatureFID(classifier, test_images)
+    floor = fid.score(train_images)
+    fid_uncond, fid_cond = fid.score(uncond_images), fid.score(cond_images)
+    cond_accuracy, per_class = accuracy(predict(classifier, cond_images), cond_labels)
+    histogram, max_deviation = class_histogram(predict(classifier, uncond_images))
+    return {
+        "num_samples": len(cond_labels),
+        "fid_floor": floor,
+        "fid_uncond": fid_uncond,
+        "fid_cond": fid_cond,
+        "fid_uncond_over_floor": fid_uncond / floor,
+        "fid_cond_over_floor": fid_cond / floor,
+        "cond_accuracy": cond_accuracy,
+        "cond_accuracy_per_class": {str(c): a for c, a in per_class.items()},
+        "uncond_class_fractions": {str(c): f for c, f in enumerate(histogram)},
+        "uncond_max_class_deviation": max_deviation,
+    }

@@ -1,0 +1,69 @@
+"""reports/report.md: what was run, what it scored, and with which software."""
+
+from __future__ import annotations
+
+import platform
+from importlib.metadata import PackageNotFoundError, version
+
+PACKAGES = ("torch", "torchvision", "torchmetrics", "numpy", "dvc", "mlflow")
+
+
+def software_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _table(header: tuple[str, ...], rows: list[tuple]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_report(
+    params: dict,
+    metrics: dict,
+    evaluator_accuracy: float,
+    training: dict[str, dict],
+    figures: dict[str, str],
+    environment: dict[str, str],
+) -> str:
+    """The report as Markdown. `figures` maps captions to paths relative to the report."""
+    floor = metrics["fid_floor"]
+    n = metrics["num_samples"]
+    results = [
+        ("FID, unconditional samples", f"{metrics['fid_uncond']:.3f}", f"{metrics['fid_uncond_over_floor']:.2f}× floor"),
+        ("FID, conditional samples", f"{metrics['fid_cond']:.3f}", f"{metrics['fid_cond_over_floor']:.2f}× floor"),
+        (f"FID floor ({n} real training images)", f"{floor:.3f}", "what a perfect model scores at this N"),
+        ("conditional accuracy", f"{metrics['cond_accuracy']:.4f}", "evaluator agrees with the requested digit"),
+        ("unconditional: largest class deviation", f"{metrics['uncond_max_class_deviation']:.4f}", "max |fraction − 0.1|"),
+        ("evaluator accuracy (MNIST test)", f"{evaluator_accuracy:.4f}", "the judge itself"),
+    ]
+    per_class = [
+        (c, f"{metrics['cond_accuracy_per_class'][c]:.3f}", f"{metrics['uncond_class_fractions'][c]:.3f}")
+        for c in metrics["cond_accuracy_per_class"]
+    ]
+    train_rows = [
+        (name, f"{t['final_loss']:.4f}", f"{t['images_per_s']:.0f}", f"{t['train_seconds']:.0f}") for name, t in training.items()
+    ]
+    sections = [
+        "# ddpm-mnist report",
+        _table(("", ""), list(environment.items())),
+        "## Results",
+        f"FID is computed in the 128-d feature space of the project's MNIST classifier against "
+        f"the 10,000 test images, for {n} generated images per model.",
+        _table(("metric", "value", "note"), results),
+        "### Per class",
+        _table(("class", "conditional accuracy", "unconditional fraction"), per_class),
+        "## Training",
+        _table(("model", "final loss", "images/s", "seconds"), train_rows),
+        "## Figures",
+        "\n\n".join(f"**{caption}**\n\n![{caption}]({path})" for caption, path in figures.items()),
+        "## Params",
+        _table(("key", "value"), sorted(params.items())),
+    ]
+    return "\n\n".join(sections) + "\n"

@@ -1,0 +1,57 @@
+"""Stage evaluate: FID on the evaluator's features, conditional accuracy, class spread.
+
+Compares data/samples/uncond.npz and cond.npz with the MNIST test set in the feature
+space of models/evaluator.pt (torchmetrics' FrechetInceptionDistance with that network
+as `feature=`; nothing is downloaded), beside the real-data floor: the FID of
+`evaluate.num_samples` real training images. Writes reports/metrics.json (DVC metrics)
+and logs every number to the pipeline's parent MLflow run as well.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import common
+from ddpm_core.data import load_mnist
+from ddpm_core.errors import DataError
+from ddpm_core.evaluation import Classifier, evaluate_samples
+from ddpm_core.files import load_safe, write_text_atomic
+
+SAMPLES = Path("data/samples")
+
+
+def load_npz(path: Path) -> dict:
+    try:
+        with np.load(path) as f:
+            return {k: torch.from_numpy(f[k]) for k in f.files}
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found; run the sample stage first") from None
+
+
+def run(params):
+    classifier = Classifier()
+    classifier.load_state_dict(load_safe(Path("models/evaluator.pt")))
+    classifier.eval()
+    test = load_mnist(Path("data"), train=False)
+    real = load_mnist(Path("data"), train=True, subset=params.evaluate.num_samples)
+    uncond, cond = load_npz(SAMPLES / "uncond.npz"), load_npz(SAMPLES / "cond.npz")
+    with common.stage_run("evaluate", params) as run:
+        metrics = evaluate_samples(
+            classifier, test.images, real.images,
+            uncond["images"][:, None], cond["images"][:, None], cond["labels"],
+        )  # fmt: skip
+        write_text_atomic(Path("reports/metrics.json"), json.dumps(metrics, indent=2) + "\n")
+        run.log_metrics(metrics)
+        run.log_parent_metrics(metrics)
+    print(
+        f"evaluate: FID uncond {metrics['fid_uncond']:.2f}, cond {metrics['fid_cond']:.2f} "
+        f"(real floor {metrics['fid_floor']:.2f}); conditional accuracy {metrics['cond_accuracy']:.4f}"
+    )
+
+
+if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    common.main(run)

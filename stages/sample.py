@@ -1,0 +1,72 @@
+"""Stage sample: draw images from the EMA weights of both diffusion models.
+
+With `sample.sampler`, `sample.steps`, `sample.guidance` (and `sample.eta`), draws
+`evaluate.num_samples` unconditional images and as many conditional ones, balanced over
+the ten classes. Writes data/samples/uncond.npz (array `images`, uint8, N×28×28),
+data/samples/cond.npz (`images` and `labels`, int64) and PNG grids beside them
+(unconditional 10×10; conditional one row per digit).
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import common
+from ddpm_core import hardware
+from ddpm_core.files import write_atomic
+from ddpm_core.generation import balanced_labels, generate, load_unet
+from ddpm_core.samplers import make_sampler
+from ddpm_core.schedule import make_schedule
+from ddpm_core.seeding import derived_seed, seed_everything
+from ddpm_core.viz import class_rows_grid, image_grid
+
+OUT = Path("data/samples")
+
+
+def save_npz(path: Path, **arrays) -> None:
+    write_atomic(path, lambda f: np.savez_compressed(f, **arrays))
+
+
+def save_png(path: Path, grid: np.ndarray) -> None:
+    write_atomic(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
+
+
+def run(params):
+    sp = params.sample
+    seed_everything(params.seed)
+    device = hardware.pick_device()
+    autocast = hardware.autocast_factory(hardware.resolve_precision("auto", device), device)
+    schedule = make_schedule(params.diffusion.schedule, params.diffusion.timesteps)
+    n = params.evaluate.num_samples
+    with common.stage_run("sample", params) as run:
+        rates = {}
+        for kind in ("uncond", "cond"):
+            conditional = kind == "cond"
+            model = load_unet(Path("models") / f"{kind}.pt", params.model, conditional, device)
+            labels = balanced_labels(n) if conditional else None
+            generator = torch.Generator().manual_seed(derived_seed(params.seed, f"sample/{kind}"))
+            started = time.perf_counter()
+            images = generate(
+                model, make_sampler(sp.sampler, schedule, sp.steps, sp.eta), n, generator, labels,
+                sp.guidance if conditional else 1.0, sp.batch_size, device, autocast, desc=f"sample {kind}",
+            )  # fmt: skip
+            rates[kind] = n / (time.perf_counter() - started)
+            if conditional:
+                save_npz(OUT / "cond.npz", images=images[:, 0].numpy(), labels=labels.numpy())
+                grid = class_rows_grid(images, labels, per_row=min(10, n // 10))
+            else:
+                save_npz(OUT / "uncond.npz", images=images[:, 0].numpy())
+                grid = image_grid(images[:100], nrow=10)
+            save_png(OUT / f"{kind}.png", grid)
+            run.log_image(grid, key=f"samples_{kind}", step=0)
+            print(f"sample {kind}: {n} images, {rates[kind]:.1f} images/s")
+        run.log_metrics({f"images_per_s_{k}": v for k, v in rates.items()})
+
+
+if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    common.main(run)
