@@ -78,6 +78,7 @@ class EvaluatorParams(_Section):
     """The MNIST classifier that judges samples; its own seed keeps it fixed across experiments."""
 
     seed: int = Field(ge=0)
+    train_subset: int | None = Field(ge=1, le=60_000)
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     lr: float = Field(gt=0.0)

@@ -20,7 +20,8 @@ from ddpm_core.files import save_atomic, write_text_atomic
 def run(params):
     ep = params.evaluator
     device = hardware.pick_device()
-    train, test = load_mnist(Path("data"), train=True), load_mnist(Path("data"), train=False)
+    train = load_mnist(Path("data"), train=True, subset=ep.train_subset)
+    test = load_mnist(Path("data"), train=False)
     with common.stage_run("train_evaluator", params) as run:
         classifier = train_classifier(train, ep.epochs, ep.batch_size, ep.lr, ep.seed, device)
         test_accuracy, per_class = accuracy(predict(classifier, test.images), test.labels)

@@ -19,6 +19,7 @@ TINY = {
     "train": {"batch_size": 64, "warmup_steps": 2, "preview_steps": 3},
     "sample": {"steps": 5, "batch_size": 100},
     "evaluate": {"num_samples": 20},
+    "evaluator": {"epochs": 1, "train_subset": 1000},
 }
 
 

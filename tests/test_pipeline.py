@@ -2,11 +2,13 @@
 params, checked from the MLflow store itself."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -17,7 +19,11 @@ from ddpm_core.tracking import EXPERIMENT
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not MIRROR.is_dir(), reason=f"no MNIST mirror at {MIRROR}")]
 
-STAGES = ["fetch_data", "train_uncond", "train_cond"]
+STAGES = ["fetch_data", "train_uncond", "train_cond", "train_evaluator", "sample", "evaluate", "plot"]
+METRICS = {
+    "num_samples", "fid_floor", "fid_uncond", "fid_cond", "fid_uncond_over_floor", "fid_cond_over_floor",
+    "cond_accuracy", "cond_accuracy_per_class", "uncond_class_fractions", "uncond_max_class_deviation",
+}  # fmt: skip
 
 
 def run(cmd, cwd):
@@ -39,7 +45,7 @@ def children(client, parent):
     return client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
 
 
-def test_repro_then_experiment_land_as_two_parent_runs(project_clone):
+def test_repro_and_experiments_land_as_parent_runs(project_clone):
     params = tiny_raw(epochs=2, data={"train_subset": 192})
     (project_clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "tiny params"], cwd=project_clone, check=True)
@@ -76,13 +82,41 @@ def test_repro_then_experiment_land_as_two_parent_runs(project_clone):
     assert "train_cond.p_uncond" not in stage_runs["train_uncond"].data.params
     assert "sample.guidance" not in stage_runs["train_uncond"].data.params
 
+    # Samples as users load them, and the metrics.
+    n = params["evaluate"]["num_samples"]
+    with np.load(project_clone / "data" / "samples" / "uncond.npz") as f:
+        assert f["images"].shape == (n, 28, 28) and f["images"].dtype == np.uint8
+    with np.load(project_clone / "data" / "samples" / "cond.npz") as f:
+        assert f["images"].shape == (n, 28, 28) and f["images"].dtype == np.uint8
+        assert f["labels"].dtype == np.int64 and np.bincount(f["labels"]).tolist() == [n // 10] * 10
+    metrics = json.loads((project_clone / "reports" / "metrics.json").read_text())
+    assert set(metrics) == METRICS
+    assert metrics["num_samples"] == n and 0 <= metrics["cond_accuracy"] <= 1
+    assert sum(metrics["uncond_class_fractions"].values()) == pytest.approx(1.0)
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], project_clone).stdout)
+    assert shown[""]["data"]["reports/metrics.json"]["data"]["fid_cond"] == pytest.approx(metrics["fid_cond"])
+    assert parent_runs(client)[0].data.metrics["fid_cond"] == pytest.approx(metrics["fid_cond"])
+    assert parent_runs(client)[0].data.metrics["cond_accuracy_per_class.3"] == pytest.approx(metrics["cond_accuracy_per_class"]["3"])
+    figures = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
+    assert {"figures/loss.png", "figures/samples.png", "figures/per_class_accuracy.png"} <= figures
+    report = (project_clone / "reports" / "report.md").read_text()
+    assert f"{metrics['fid_floor']:.3f}" in report and "torch" in report
+
     run(["dvc", "exp", "run", "-n", "three-epochs", "-S", "epochs=3"], project_clone)
     first, second = parent_runs(client)
     assert first.info.run_id == parent.info.run_id
     assert second.info.run_name == "three-epochs" and second.data.params["epochs"] == "3"
-    # Only training reran: fetch_data is cached, so the experiment has two stage runs.
-    assert sorted(r.info.run_name for r in children(client, second)) == ["train_cond", "train_uncond"]
-    for child in children(client, second):
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == [1, 2, 3]
+    # fetch_data and train_evaluator are cached: they do not depend on epochs.
+    stage_runs = {r.info.run_name: r for r in children(client, second)}
+    assert sorted(stage_runs) == ["evaluate", "plot", "sample", "train_cond", "train_uncond"]
+    for stage in ("train_uncond", "train_cond"):
+        assert [m.step for m in client.get_metric_history(stage_runs[stage].info.run_id, "loss")] == [1, 2, 3]
+    assert "fid_cond" in second.data.metrics or "fid_cond" in client.get_run(second.info.run_id).data.metrics
+
+    # Changing the guidance reruns nothing before sampling.
+    run(["dvc", "exp", "run", "-n", "no-guidance", "-S", "sample.guidance=1.0"], project_clone)
+    third = parent_runs(client)[2]
+    assert third.info.run_name == "no-guidance"
+    assert sorted(r.info.run_name for r in children(client, third)) == ["evaluate", "plot", "sample"]
     shown = run(["dvc", "exp", "show", "--no-pager", "--csv"], project_clone).stdout
-    assert "three-epochs" in shown
+    assert "three-epochs" in shown and "no-guidance" in shown

@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from ddpm_core.evaluation import Classifier, FeatureFID, accuracy, class_histogram, predict, random_shift
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    torch.manual_seed(0)
+    return Classifier().eval()
+
+
+def real_like(n, seed):
+    """Blurry random blobs: a stand-in image distribution with some structure."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 1, 7, 7, generator=g)
+    return (torch.nn.functional.interpolate(low, size=28, mode="bilinear") * 255).to(torch.uint8)
+
+
+def test_fid_of_a_set_against_itself_is_zero(classifier):
+    images = real_like(400, 0)
+    assert FeatureFID(classifier, images).score(images) == pytest.approx(0.0, abs=1e-3)
+
+
+def test_fid_grows_monotonically_with_noise(classifier):
+    reference = real_like(500, 0)
+    fid = FeatureFID(classifier, reference)
+    other = real_like(500, 1)
+    g = torch.Generator().manual_seed(2)
+    noise = torch.randn(other.shape, generator=g)
+    scores = [fid.score((other.float() + sigma * noise).clamp(0, 255).to(torch.uint8)) for sigma in (0, 20, 40, 80, 160)]
+    assert all(a < b for a, b in zip(scores, scores[1:])), scores
+    assert scores[0] < 0.2 * scores[-1]
+
+
+def test_classifier_features_have_the_declared_size(classifier):
+    feats = classifier.features(real_like(3, 0))
+    assert feats.shape == (3, Classifier.num_features)
+
+
+def test_accuracy_against_hand_made_labels():
+    target = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2, 2, 2])
+    predicted = torch.tensor([0, 1, 1, 1, 0, 2, 2, 2, 2, 0])
+    overall, per_class = accuracy(predicted, target)
+    assert overall == pytest.approx(7 / 10)
+    assert per_class == pytest.approx({0: 1 / 2, 1: 2 / 3, 2: 4 / 5})
+
+
+def test_class_histogram_and_deviation():
+    predicted = torch.tensor([3] * 5 + [0, 1, 2, 4, 5] + [6] * 0)
+    fractions, deviation = class_histogram(predicted)
+    assert fractions == pytest.approx([0.1, 0.1, 0.1, 0.5, 0.1, 0.1, 0, 0, 0, 0])
+    assert deviation == pytest.approx(0.4)
+    uniform, dev = class_histogram(torch.arange(100) % 10)
+    assert uniform == pytest.approx([0.1] * 10) and dev == pytest.approx(0.0)
+
+
+def test_predict_returns_one_label_per_image(classifier):
+    labels = predict(classifier, real_like(25, 3), batch_size=10)
+    assert labels.shape == (25,) and labels.dtype == torch.int64
+    assert ((labels >= 0) & (labels < 10)).all()
+
+
+def test_random_shift_moves_each_image_by_at_most_two_pixels():
+    image = torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
+    image[0, 0, 14, 14] = 255
+    shifted = random_shift(image.repeat(200, 1, 1, 1), torch.Generator().manual_seed(0))
+    positions = {tuple(torch.nonzero(s[0])[0].tolist()) for s in shifted}
+    assert positions <= {(14 + dy, 14 + dx) for dy in range(-2, 3) for dx in range(-2, 3)}
+    assert len(positions) > 15
