@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 # --temp experiment must run the library as it was when the experiment was made.
 sys.path.insert(0, str(HERE.parent))
 
-from ddpm_core import tracking  # noqa: E402
+from ddpm_core import hardware, tracking  # noqa: E402
 from ddpm_core.config import Params, flatten, load_params  # noqa: E402
 from ddpm_core.errors import DDPMError  # noqa: E402
 
@@ -107,7 +107,9 @@ def stage_run(stage: str, params: Params) -> Iterator[tracking.StageRun]:
 def main(stage_main: Callable[[Params], None]) -> None:
     """Load params and run the stage; a user error becomes one line and an exit status."""
     try:
-        stage_main(load_params("params.yaml"))
+        params = load_params("params.yaml")
+        hardware.configure_threads()
+        stage_main(params)
     except DDPMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
