@@ -77,18 +77,22 @@ def fetch_mnist(root: Path, mirror: Path | None = None) -> Path:
     moved in place only when all four are verified: a failure leaves nothing behind.
     """
     dest = raw_folder(root)
-    dest.parent.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent.parent, prefix=".fetch-") as tmp:
-        staging = Path(tmp) / "raw"
-        staging.mkdir()
-        if mirror is not None:
-            _from_mirror(Path(mirror), staging)
-        else:
-            _from_torchvision(staging)
-        if dest.parent.exists():
-            shutil.rmtree(dest.parent)
-        dest.parent.mkdir()
-        staging.rename(dest)
+    try:
+        dest.parent.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=dest.parent.parent, prefix=".fetch-") as tmp:
+            staging = Path(tmp) / "raw"
+            staging.mkdir()
+            if mirror is not None:
+                _from_mirror(Path(mirror), staging)
+            else:
+                _from_torchvision(staging)
+            if dest.parent.exists():
+                shutil.rmtree(dest.parent)
+            dest.parent.mkdir()
+            staging.rename(dest)
+    except OSError as exc:
+        where = exc.filename or dest.parent.parent
+        raise DataError(f"{where}: cannot write the dataset ({exc.strerror or exc}); nothing was kept") from None
     return dest
 
 

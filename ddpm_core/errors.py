@@ -14,4 +14,16 @@ class ConfigError(DDPMError):
 
 
 class DataError(DDPMError):
-    """A dataset file is missing, truncated or not the official one."""
+    """A dataset file is missing, truncated or not the official one, or can't be written."""
+
+
+class TrainingError(DDPMError):
+    """Training diverged (a non-finite loss)."""
+
+
+class TrackingError(DDPMError):
+    """The MLflow store can't be reached or written."""
+
+
+class CheckpointError(DDPMError):
+    """A checkpoint is missing, truncated, or not a plain tensor file."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import tempfile
@@ -10,33 +11,38 @@ from typing import Any, BinaryIO, Callable
 
 import torch
 
-from ddpm_core.errors import DDPMError
-
-
-class CheckpointError(DDPMError):
-    """A checkpoint is missing, truncated, or not a plain tensor file."""
+from ddpm_core.errors import CheckpointError
 
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Call `write(f)` on a temporary file beside `path`, then rename it to `path`: a crash
     or a full disk never leaves a truncated file under the final name."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """`torch.save` through `write_atomic`."""
-    write_atomic(path, lambda f: torch.save(obj, f))
+    """`torch.save` through `write_atomic`. Serialised in memory first: torch's writer
+    turns a full disk into an opaque RuntimeError, a plain write into ENOSPC."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_atomic(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def write_text_atomic(path: Path, text: str) -> None:

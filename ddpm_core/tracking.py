@@ -9,6 +9,7 @@ a child run under it. The store is `sqlite:///<root>/mlflow.db` with artifacts i
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from pathlib import Path
@@ -16,11 +17,17 @@ from typing import Any, Iterator
 
 import mlflow
 import numpy as np
+import requests
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from ddpm_core.config import flatten
+from ddpm_core.errors import TrackingError
+
+# MLflow announces at INFO level that it creates or migrates its tables; stages stay quiet.
+for _name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 EXPERIMENT = "ddpm-mnist"
 PIPELINE_TAG = "ddpm.pipeline_id"
@@ -28,11 +35,59 @@ STAGE_TAG = "ddpm.stage"
 ROLE_TAG = "ddpm.role"  # "pipeline" on parent runs, "stage" on their children
 
 
+LOCK_RETRY_SECONDS = (1, 2, 4, 8, 15, 30, 60)  # waits between tries on a locked SQLite store
+
+
 def tracking_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve()}/mlflow.db"
 
 
-def _experiment_id(client: MlflowClient, root: Path) -> str:
+class _PatientClient:
+    """An MlflowClient whose calls wait out a locked SQLite store instead of failing.
+
+    SQLite lets one writer in at a time and gives up after 5 s; parallel experiments
+    (`dvc queue start -j 2`) can hold it longer than that.
+    """
+
+    def __init__(self, uri: str):
+        self._client = MlflowClient(uri)
+
+    def __getattr__(self, name: str):
+        method = getattr(self._client, name)
+
+        def patiently(*args, **kwargs):
+            for wait in LOCK_RETRY_SECONDS:
+                try:
+                    return method(*args, **kwargs)
+                except Exception as exc:
+                    if "database is locked" not in str(exc):
+                        raise
+                    time.sleep(wait)
+            return method(*args, **kwargs)
+
+        return patiently
+
+
+def _connect(root: Path) -> tuple[_PatientClient, str]:
+    """A client and the project's experiment id, or a TrackingError saying what is wrong."""
+    uri = tracking_uri(root)
+    if uri.startswith(("http://", "https://")):
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=10).raise_for_status()
+        except requests.RequestException as exc:
+            raise TrackingError(
+                f"MLflow server {uri} (MLFLOW_TRACKING_URI) is unreachable: {type(exc).__name__}; "
+                "start it, or unset MLFLOW_TRACKING_URI to use the project's own store"
+            ) from None
+    client = _PatientClient(uri)
+    try:
+        return client, _experiment_id(client, root)
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrackingError(f"MLflow store {uri}: {first_line}") from None
+
+
+def _experiment_id(client: _PatientClient, root: Path) -> str:
     experiment = client.get_experiment_by_name(EXPERIMENT)
     if experiment is not None:
         return experiment.experiment_id
@@ -51,7 +106,7 @@ def _stringify(params: dict[str, Any]) -> dict[str, str]:
 class StageRun:
     """A child run of the pipeline's parent run; what a stage logs goes here."""
 
-    def __init__(self, client: MlflowClient, run_id: str, parent_id: str):
+    def __init__(self, client: _PatientClient, run_id: str, parent_id: str):
         self.client = client
         self.run_id = run_id
         self.parent_id = parent_id
@@ -87,7 +142,7 @@ class StageRun:
             self.client.set_tag(self.parent_id, key, str(value))
 
 
-def _find_or_start_parent(client: MlflowClient, experiment_id: str, pipeline_id: str, pipeline_name: str, all_params: dict) -> str:
+def _find_or_start_parent(client: _PatientClient, experiment_id: str, pipeline_id: str, pipeline_name: str, all_params: dict) -> str:
     found = client.search_runs(
         [experiment_id], filter_string=f"tags.`{PIPELINE_TAG}` = '{pipeline_id}' AND tags.`{ROLE_TAG}` = 'pipeline'",
         max_results=1,
@@ -116,8 +171,7 @@ def stage_run(
     The child ends FINISHED, or FAILED if the body raises; the parent's status follows
     its latest child, so after the last stage it reads FINISHED.
     """
-    client = MlflowClient(tracking_uri(root))
-    experiment_id = _experiment_id(client, root)
+    client, experiment_id = _connect(root)
     parent_id = _find_or_start_parent(client, experiment_id, pipeline_id, pipeline_name, all_params)
     child = client.create_run(
         experiment_id,

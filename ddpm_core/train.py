@@ -26,6 +26,7 @@ from ddpm_core.config import Params
 from ddpm_core.data import NUM_CLASSES, ImageSet, to_model_range
 from ddpm_core.diffusion import eps_loss
 from ddpm_core.ema import make_ema
+from ddpm_core.errors import TrainingError
 from ddpm_core.samplers import DDIMSampler, sample
 from ddpm_core.schedule import make_schedule
 from ddpm_core.seeding import restore_rng_state, rng_state, seed_everything
@@ -34,6 +35,7 @@ from ddpm_core.viz import image_grid
 
 PREVIEW_PER_CLASS = 8  # conditional grid: one row per class, this many columns
 PREVIEW_UNCOND = 64  # unconditional grid: 8 × 8
+PROGRESS_EVERY = 20  # steps between progress-bar updates (and divergence checks)
 
 
 class Tracker(Protocol):
@@ -158,15 +160,21 @@ def train_diffusion(
             scheduler.step()
             ema.update_parameters(model)
             loss_sum += loss.detach() * len(idx)
-            if step % 20 == 0:
+            if step % PROGRESS_EVERY == 0 or step == steps_per_epoch - 1:
+                # The only host sync of the step loop: progress, and a check for divergence.
+                if not math.isfinite(loss_sum.item()):
+                    bar.close()
+                    last = f"{resume_path} (epoch {epoch - 1})" if epoch > 1 else "none (first epoch)"
+                    raise TrainingError(
+                        f"{name}: loss became {loss_sum.item()} in epoch {epoch} by step {step + 1}; "
+                        f"try a lower train.lr; last good checkpoint: {last}"
+                    )
                 rate = (step + 1) * tp.batch_size / (time.perf_counter() - started)
                 bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}")
         bar.close()
 
         seconds = time.perf_counter() - started
         mean_loss = loss_sum.item() / len(data)
-        if not math.isfinite(mean_loss):
-            raise FloatingPointError(f"{name}: loss became {mean_loss} in epoch {epoch}; the last good checkpoint is {resume_path}")
         result.losses.append(mean_loss)
         result.images_per_s.append(len(data) / seconds)
         result.epoch_seconds.append(seconds)

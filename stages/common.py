@@ -113,6 +113,10 @@ def main(stage_main: Callable[[Params], None]) -> None:
     except DDPMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except OSError as exc:
+        # Disk full, a read-only folder, a missing input: say which file, and why.
+        print(f"error: {exc.filename}: {exc.strerror}" if exc.filename else f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

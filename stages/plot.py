@@ -35,50 +35,50 @@ def save_figure(fig, path: Path) -> None:
 
 
 def run(params):
-    metrics = json.loads((REPORTS / "metrics.json").read_text())
-    evaluator = json.loads((REPORTS / "evaluator.json").read_text())
-    training = {name: json.loads((REPORTS / f"train_{kind}.json").read_text()) for name, kind in MODELS.items()}
-    curves = {name: pd.read_csv(REPORTS / f"loss_{kind}.csv") for name, kind in MODELS.items()}
-    with np.load("data/samples/uncond.npz") as f:
-        uncond = torch.from_numpy(f["images"])[:, None]
-    with np.load("data/samples/cond.npz") as f:
-        cond, labels = torch.from_numpy(f["images"])[:, None], torch.from_numpy(f["labels"])
-    real = load_mnist(Path("data"), train=False)
-    per_row = min(10, len(labels) // 10)
-
-    uncond_grid = image_grid(to_model_range(uncond[:100]), nrow=10)
-    cond_grid = class_rows_grid(to_model_range(cond), labels, per_row)
-    real_grid = class_rows_grid(to_model_range(real.images), real.labels, per_row)
-    figures = {
-        "Training loss": ("loss.png", loss_curves(curves)),
-        "Generated samples": ("samples.png", grid_figure({"unconditional": uncond_grid, "conditional (row = digit)": cond_grid})),
-        "Real and generated digits": ("real_vs_generated.png", grid_figure({"real (MNIST test)": real_grid, "generated": cond_grid})),
-        "Conditional accuracy per class": (
-            "per_class_accuracy.png",
-            per_class_bars(metrics["cond_accuracy_per_class"], "Conditional accuracy per class", "accuracy"),
-        ),
-        "Unconditional samples: predicted class fractions": (
-            "class_fractions.png",
-            per_class_bars(metrics["uncond_class_fractions"], "Unconditional samples by predicted class", "fraction", reference=0.1),
-        ),
-    }
-    for _, (name, fig) in figures.items():
-        save_figure(fig, FIGURES / name)
-    rows = [(c, metrics["cond_accuracy_per_class"][c], metrics["uncond_class_fractions"][c]) for c in metrics["cond_accuracy_per_class"]]
-    write_text_atomic(REPORTS / "per_class.csv", pd.DataFrame(rows, columns=["class", "accuracy", "uncond_fraction"]).to_csv(index=False))
-
-    environment = {
-        **software_versions(),
-        "device": str(hardware.pick_device()),
-        "threads": str(hardware.configure_threads()),
-        "git revision": common.git_revision(),
-    }
-    report = render_report(
-        flatten(params), metrics, evaluator["test_accuracy"], training,
-        {caption: f"figures/{name}" for caption, (name, _) in figures.items()}, environment,
-    )  # fmt: skip
-    write_text_atomic(REPORTS / "report.md", report)
     with common.stage_run("plot", params) as run:
+        metrics = json.loads((REPORTS / "metrics.json").read_text())
+        evaluator = json.loads((REPORTS / "evaluator.json").read_text())
+        training = {name: json.loads((REPORTS / f"train_{kind}.json").read_text()) for name, kind in MODELS.items()}
+        curves = {name: pd.read_csv(REPORTS / f"loss_{kind}.csv") for name, kind in MODELS.items()}
+        with np.load("data/samples/uncond.npz") as f:
+            uncond = torch.from_numpy(f["images"])[:, None]
+        with np.load("data/samples/cond.npz") as f:
+            cond, labels = torch.from_numpy(f["images"])[:, None], torch.from_numpy(f["labels"])
+        real = load_mnist(Path("data"), train=False)
+        per_row = min(10, len(labels) // 10)
+
+        uncond_grid = image_grid(to_model_range(uncond[:100]), nrow=10)
+        cond_grid = class_rows_grid(to_model_range(cond), labels, per_row)
+        real_grid = class_rows_grid(to_model_range(real.images), real.labels, per_row)
+        figures = {
+            "Training loss": ("loss.png", loss_curves(curves)),
+            "Generated samples": ("samples.png", grid_figure({"unconditional": uncond_grid, "conditional (row = digit)": cond_grid})),
+            "Real and generated digits": ("real_vs_generated.png", grid_figure({"real (MNIST test)": real_grid, "generated": cond_grid})),
+            "Conditional accuracy per class": (
+                "per_class_accuracy.png",
+                per_class_bars(metrics["cond_accuracy_per_class"], "Conditional accuracy per class", "accuracy"),
+            ),
+            "Unconditional samples: predicted class fractions": (
+                "class_fractions.png",
+                per_class_bars(metrics["uncond_class_fractions"], "Unconditional samples by predicted class", "fraction", reference=0.1),
+            ),
+        }
+        for _, (name, fig) in figures.items():
+            save_figure(fig, FIGURES / name)
+        rows = [(c, metrics["cond_accuracy_per_class"][c], metrics["uncond_class_fractions"][c]) for c in metrics["cond_accuracy_per_class"]]
+        write_text_atomic(REPORTS / "per_class.csv", pd.DataFrame(rows, columns=["class", "accuracy", "uncond_fraction"]).to_csv(index=False))
+
+        environment = {
+            **software_versions(),
+            "device": str(hardware.pick_device()),
+            "threads": str(hardware.configure_threads()),
+            "git revision": common.git_revision(),
+        }
+        report = render_report(
+            flatten(params), metrics, evaluator["test_accuracy"], training,
+            {caption: f"figures/{name}" for caption, (name, _) in figures.items()}, environment,
+        )  # fmt: skip
+        write_text_atomic(REPORTS / "report.md", report)
         for _, (name, _) in figures.items():
             run.log_parent_artifact(FIGURES / name, "figures")
         run.log_parent_artifact(REPORTS / "report.md")
