@@ -118,17 +118,15 @@ def train_diffusion(
     scheduler = LambdaLR(optimizer, lambda step: warmup_cosine(step, tp.warmup_steps, total_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
+    parts = {"model": model, "ema": ema, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     fingerprint = run_fingerprint(params, conditional)
     result = TrainResult(ema_state_dict={}, precision=precision, device=str(device))
     start_epoch = 1
     if resume_path.exists():
         state = load_safe(resume_path)
         if state.get("fingerprint") == fingerprint:
-            model.load_state_dict(state["model"])
-            ema.load_state_dict(state["ema"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
+            for key, part in parts.items():
+                part.load_state_dict(state[key])
             restore_rng_state(state["rng"], generator)
             result.losses, result.images_per_s, result.epoch_seconds = state["losses"], state["images_per_s"], state["epoch_seconds"]
             start_epoch = state["epoch"] + 1
@@ -191,11 +189,7 @@ def train_diffusion(
             {
                 "fingerprint": fingerprint,
                 "epoch": epoch,
-                "model": model.state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
+                **{key: part.state_dict() for key, part in parts.items()},
                 "rng": rng_state(generator),
                 "losses": result.losses,
                 "images_per_s": result.images_per_s,
