@@ -71,6 +71,7 @@ def test_repro_and_experiments_land_as_parent_runs(project_clone):
         assert child.info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == [1, 2]
         assert len(client.get_metric_history(child.info.run_id, "lr")) == 2
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "images_per_s")] == [1, 2]
         images = [a.path for a in client.list_artifacts(child.info.run_id, "images")]
         steps = sorted({p.split("+step+")[1].split("+")[0] for p in images if p.endswith(".png")})
         assert steps == ["1", "2"]
