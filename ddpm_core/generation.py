@@ -6,12 +6,14 @@ import contextlib
 from pathlib import Path
 from typing import Callable, ContextManager
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from ddpm_core.config import ModelParams
 from ddpm_core.data import NUM_CLASSES, to_uint8
-from ddpm_core.files import load_safe
+from ddpm_core.errors import DataError
+from ddpm_core.files import load_safe, write_atomic
 from ddpm_core.samplers import sample
 from ddpm_core.unet import UNet, build_unet
 
@@ -51,3 +53,21 @@ def generate(
             batches.append(to_uint8(images).cpu())
             bar.update(count)
     return torch.cat(batches)
+
+
+def save_samples(path: Path, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+    """Write `images` (uint8, N×1×28×28) as an .npz of `images` (N×28×28) and, if given, `labels` (int64)."""
+    arrays = {"images": images[:, 0].numpy()}
+    if labels is not None:
+        arrays["labels"] = labels.numpy()
+    write_atomic(path, lambda f: np.savez_compressed(f, **arrays))
+
+
+def load_samples(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Read what `save_samples` wrote: images as uint8 N×1×28×28, and labels or None."""
+    try:
+        with np.load(path) as f:
+            labels = torch.from_numpy(f["labels"]) if "labels" in f.files else None
+            return torch.from_numpy(f["images"])[:, None], labels
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found; run the sample stage first") from None

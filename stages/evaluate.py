@@ -11,24 +11,13 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-import torch
-
 import common
 from ddpm_core.data import load_mnist
-from ddpm_core.errors import DataError
 from ddpm_core.evaluation import Classifier, evaluate_samples
 from ddpm_core.files import load_safe, write_text_atomic
+from ddpm_core.generation import load_samples
 
 SAMPLES = Path("data/samples")
-
-
-def load_npz(path: Path) -> dict:
-    try:
-        with np.load(path) as f:
-            return {k: torch.from_numpy(f[k]) for k in f.files}
-    except FileNotFoundError:
-        raise DataError(f"{path}: not found; run the sample stage first") from None
 
 
 def run(params):
@@ -37,11 +26,12 @@ def run(params):
     classifier.eval()
     test = load_mnist(Path("data"), train=False)
     real = load_mnist(Path("data"), train=True, subset=params.evaluate.num_samples)
-    uncond, cond = load_npz(SAMPLES / "uncond.npz"), load_npz(SAMPLES / "cond.npz")
+    uncond, _ = load_samples(SAMPLES / "uncond.npz")
+    cond, cond_labels = load_samples(SAMPLES / "cond.npz")
     with common.stage_run("evaluate", params) as run:
         metrics = evaluate_samples(
             classifier, test.images, real.images,
-            uncond["images"][:, None], cond["images"][:, None], cond["labels"],
+            uncond, cond, cond_labels,
         )  # fmt: skip
         write_text_atomic(Path("reports/metrics.json"), json.dumps(metrics, indent=2) + "\n")
         run.log_metrics(metrics)

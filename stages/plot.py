@@ -11,15 +11,14 @@ import io
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import torch
 
 import common
 from ddpm_core import hardware
 from ddpm_core.config import flatten
 from ddpm_core.data import load_mnist, to_model_range
 from ddpm_core.files import write_atomic, write_text_atomic
+from ddpm_core.generation import load_samples
 from ddpm_core.report import render_report, software_versions
 from ddpm_core.viz import class_rows_grid, grid_figure, image_grid, loss_curves, per_class_bars
 
@@ -40,10 +39,8 @@ def run(params):
         evaluator = json.loads((REPORTS / "evaluator.json").read_text())
         training = {name: json.loads((REPORTS / f"train_{kind}.json").read_text()) for name, kind in MODELS.items()}
         curves = {name: pd.read_csv(REPORTS / f"loss_{kind}.csv") for name, kind in MODELS.items()}
-        with np.load("data/samples/uncond.npz") as f:
-            uncond = torch.from_numpy(f["images"])[:, None]
-        with np.load("data/samples/cond.npz") as f:
-            cond, labels = torch.from_numpy(f["images"])[:, None], torch.from_numpy(f["labels"])
+        uncond, _ = load_samples(Path("data/samples/uncond.npz"))
+        cond, labels = load_samples(Path("data/samples/cond.npz"))
         real = load_mnist(Path("data"), train=False)
         per_row = min(10, len(labels) // 10)
 

@@ -18,17 +18,13 @@ from PIL import Image
 import common
 from ddpm_core import hardware
 from ddpm_core.files import write_atomic
-from ddpm_core.generation import balanced_labels, generate, load_unet
+from ddpm_core.generation import balanced_labels, generate, load_unet, save_samples
 from ddpm_core.samplers import make_sampler
 from ddpm_core.schedule import make_schedule
 from ddpm_core.seeding import derived_seed, seed_everything
 from ddpm_core.viz import class_rows_grid, image_grid
 
 OUT = Path("data/samples")
-
-
-def save_npz(path: Path, **arrays) -> None:
-    write_atomic(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def save_png(path: Path, grid: np.ndarray) -> None:
@@ -56,10 +52,10 @@ def run(params):
             )  # fmt: skip
             rates[kind] = n / (time.perf_counter() - started)
             if conditional:
-                save_npz(OUT / "cond.npz", images=images[:, 0].numpy(), labels=labels.numpy())
+                save_samples(OUT / "cond.npz", images, labels)
                 grid = class_rows_grid(images, labels, per_row=min(10, n // 10))
             else:
-                save_npz(OUT / "uncond.npz", images=images[:, 0].numpy())
+                save_samples(OUT / "uncond.npz", images)
                 grid = image_grid(images[:100], nrow=10)
             save_png(OUT / f"{kind}.png", grid)
             run.log_image(grid, key=f"samples_{kind}", step=0)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from ddpm_core.generation import balanced_labels, generate, load_unet
+from ddpm_core.errors import DataError
+from ddpm_core.generation import balanced_labels, generate, load_samples, load_unet, save_samples
 from ddpm_core.samplers import DDIMSampler
 from ddpm_core.schedule import make_schedule
 from ddpm_core.unet import build_unet
@@ -36,3 +37,20 @@ def test_stage_scripts_explain_themselves():
     for script in ("fetch_data", "train", "train_evaluator", "sample", "evaluate", "plot"):
         out = subprocess.run([sys.executable, ROOT / "stages" / f"{script}.py", "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "Stage" in out.stdout, script
+
+
+def test_samples_round_trip_through_the_npz_format_users_load(tmp_path):
+    images = torch.randint(0, 256, (30, 1, 28, 28), dtype=torch.uint8)
+    labels = balanced_labels(30)
+    save_samples(tmp_path / "cond.npz", images, labels)
+    save_samples(tmp_path / "uncond.npz", images)
+    with np.load(tmp_path / "cond.npz") as f:
+        assert sorted(f.files) == ["images", "labels"]
+        assert f["images"].shape == (30, 28, 28) and f["images"].dtype == np.uint8 and f["labels"].dtype == np.int64
+    with np.load(tmp_path / "uncond.npz") as f:
+        assert f.files == ["images"]
+    back, back_labels = load_samples(tmp_path / "cond.npz")
+    assert torch.equal(back, images) and torch.equal(back_labels, labels)
+    assert load_samples(tmp_path / "uncond.npz")[1] is None
+    with pytest.raises(DataError, match="run the sample stage first"):
+        load_samples(tmp_path / "missing.npz")
