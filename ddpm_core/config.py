@@ -63,7 +63,7 @@ class TrainCondParams(_Section):
 
 
 class SampleParams(_Section):
-    sampler: Literal["ddpm", "ddim"]
+    sampler: Literal["ddpm", "ddim", "dpmpp2m"]
     steps: int = Field(ge=1)
     guidance: float = Field(ge=0.0)
     eta: float = Field(ge=0.0)

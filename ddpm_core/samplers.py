@@ -4,7 +4,7 @@ A sampler is one object per method (as in diffusers' schedulers): it knows which
 timestep indices it visits and how to take one step from x_t to the next, given the
 model's noise estimate ε. It holds no network; `sample()` runs the loop.
 
-Both samplers work on x̂_0 = (x_t − √(1 − ᾱ_t) ε) / √ᾱ_t, optionally clipped to the data
+All samplers work on x̂_0 = (x_t − √(1 − ᾱ_t) ε) / √ᾱ_t, optionally clipped to the data
 range [−1, 1], and on the ε consistent with that x̂_0. With that convention DDIM with
 η = 1 over all T steps is exactly DDPM with the posterior variance β̃_t.
 """
@@ -49,36 +49,95 @@ class DDPMSampler:
         return (c0 * x0 + ct * xt + var.sqrt() * noise).to(xt.dtype)
 
 
-class DDIMSampler:
-    """Song et al. 2021. `steps` timesteps spaced evenly ending at T ("trailing" spacing,
-    Lin et al. 2024, so the first step starts from pure noise); η = 0 is deterministic."""
+def trailing_timesteps(timesteps: int, steps: int) -> torch.Tensor:
+    """`steps` indices spaced evenly and ending at T − 1 ("trailing", Lin et al. 2024), so
+    the first step starts from pure noise: 1000 → 50 gives 999, 979, …, 19."""
+    if not 1 <= steps <= timesteps:
+        raise ValueError(f"sampling steps must be in [1, {timesteps}], got {steps}")
+    return (torch.arange(steps, 0, -1, dtype=torch.float64) * (timesteps / steps)).round().long() - 1
+
+
+class _FewStepSampler:
+    """Shared by the samplers that visit a subset of the T timesteps."""
+
+    def __init__(self, schedule: NoiseSchedule, steps: int, clip_x0: bool = True):
+        self.schedule = schedule
+        self.clip_x0 = clip_x0
+        self.timesteps = trailing_timesteps(schedule.timesteps, steps)
+
+    def _alpha_bars(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """ᾱ at step i and at the step after it (1 after the last step)."""
+        t_next = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else -1
+        return self.schedule.alpha_bar_at(self.timesteps[i]), self.schedule.alpha_bar_at(torch.tensor(t_next))
+
+
+class DDIMSampler(_FewStepSampler):
+    """Song et al. 2021 over trailing timesteps; η = 0 is deterministic."""
 
     def __init__(self, schedule: NoiseSchedule, steps: int, eta: float = 0.0, clip_x0: bool = True):
-        if not 1 <= steps <= schedule.timesteps:
-            raise ValueError(f"DDIM steps must be in [1, {schedule.timesteps}], got {steps}")
-        self.schedule = schedule
+        super().__init__(schedule, steps, clip_x0)
         self.eta = eta
-        self.clip_x0 = clip_x0
-        T = schedule.timesteps
-        self.timesteps = (torch.arange(steps, 0, -1, dtype=torch.float64) * (T / steps)).round().long() - 1
 
     def step(self, xt: torch.Tensor, eps: torch.Tensor, i: int, noise: torch.Tensor) -> torch.Tensor:
-        t = int(self.timesteps[i])
-        t_prev = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else -1
-        ab_t = self.schedule.alpha_bar_at(torch.tensor(t))
-        ab_prev = self.schedule.alpha_bar_at(torch.tensor(t_prev))
+        ab_t, ab_prev = self._alpha_bars(i)
         x0, eps = _x0_and_eps(ab_t, xt, eps, self.clip_x0)
         sigma = self.eta * ((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)).sqrt()
         direction = (1 - ab_prev - sigma**2).clamp(min=0).sqrt()
         return (ab_prev.sqrt() * x0 + direction * eps + sigma * noise).to(xt.dtype)
 
 
+class DPMSolverPPSampler(_FewStepSampler):
+    """DPM-Solver++(2M), Lu et al. 2022: a second-order multistep solver of the
+    probability-flow ODE, in x̂_0 prediction and log-SNR time λ = log(α/σ), α = √ᾱ, σ = √(1 − ᾱ).
+
+        x_next = (σ_next/σ_t) x_t − α_next (e^{−h} − 1) D,   h = λ_next − λ_t,
+        D = (1 + 1/2r) x̂_0(t) − (1/2r) x̂_0(previous step),  r = h_previous / h.
+
+    The first step has no previous x̂_0 and the last one ends at ᾱ = 1 (λ = ∞), so both
+    use D = x̂_0: a first-order step, which is exactly a DDIM step with η = 0. The solver is
+    multistep, so it keeps the previous x̂_0 between the calls of one sampling loop.
+    """
+
+    def __init__(self, schedule: NoiseSchedule, steps: int, clip_x0: bool = True):
+        super().__init__(schedule, steps, clip_x0)
+        self._previous: tuple[torch.Tensor, torch.Tensor] | None = None  # (x̂_0, h) of the last step
+
+    def step(self, xt: torch.Tensor, eps: torch.Tensor, i: int, noise: torch.Tensor) -> torch.Tensor:
+        if i == 0:
+            self._previous = None
+        ab_t, ab_next = self._alpha_bars(i)
+        x0, _ = _x0_and_eps(ab_t, xt, eps, self.clip_x0)
+        if ab_next == 1:
+            self._previous = None
+            return x0.to(xt.dtype)
+        sigma_t, sigma_next, alpha_next = (1 - ab_t).sqrt(), (1 - ab_next).sqrt(), ab_next.sqrt()
+        h = _log_snr(ab_next) - _log_snr(ab_t)
+        d = x0
+        if self._previous is not None:
+            x0_prev, h_prev = self._previous
+            half_r_inv = h / (2 * h_prev)
+            d = (1 + half_r_inv) * x0 - half_r_inv * x0_prev
+        self._previous = (x0, h)
+        return (sigma_next / sigma_t * xt - alpha_next * torch.expm1(-h) * d).to(xt.dtype)
+
+
+def _log_snr(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """λ = log(α/σ) = ½ log(ᾱ / (1 − ᾱ))."""
+    return 0.5 * (alpha_bar.log() - (1 - alpha_bar).log())
+
+
+SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
+
+
 def make_sampler(name: str, schedule: NoiseSchedule, steps: int, eta: float = 0.0):
+    """A sampler by its `sample.sampler` name; `steps` is ignored by DDPM (always T)."""
     if name == "ddpm":
         return DDPMSampler(schedule)
     if name == "ddim":
         return DDIMSampler(schedule, steps, eta)
-    raise ValueError(f"unknown sampler {name!r}; choose 'ddpm' or 'ddim'")
+    if name == "dpmpp2m":
+        return DPMSolverPPSampler(schedule, steps)
+    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
 
 
 def guided_eps(

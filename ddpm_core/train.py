@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, ContextManager, Protocol
 
 import numpy as np
 import torch
@@ -22,13 +22,13 @@ from tqdm import tqdm
 
 from ddpm_core import hardware
 from ddpm_core.files import load_safe, save_atomic
-from ddpm_core.config import Params
+from ddpm_core.config import Params, TrainParams
 from ddpm_core.data import NUM_CLASSES, ImageSet, to_model_range
 from ddpm_core.diffusion import eps_loss
 from ddpm_core.ema import make_ema
 from ddpm_core.errors import TrainingError
 from ddpm_core.samplers import DDIMSampler, sample
-from ddpm_core.schedule import make_schedule
+from ddpm_core.schedule import NoiseSchedule, make_schedule
 from ddpm_core.seeding import restore_rng_state, rng_state, seed_everything
 from ddpm_core.unet import build_unet
 from ddpm_core.viz import image_grid
@@ -51,6 +51,62 @@ class TrainResult:
     epoch_seconds: list[float] = field(default_factory=list)
     precision: str = "fp32"
     device: str = "cpu"
+
+
+@dataclass
+class Optimization:
+    """Everything the optimisation updates besides the data order: the network, its EMA,
+    AdamW, the LR schedule and the fp16 loss scaler. Checkpointed as one dict."""
+
+    model: torch.nn.Module
+    ema: torch.optim.swa_utils.AveragedModel
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    scaler: torch.amp.GradScaler
+    grad_clip: float
+
+    @classmethod
+    def build(cls, model: torch.nn.Module, tp: TrainParams, total_steps: int, precision: str, device: torch.device) -> Optimization:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
+        return cls(
+            model=model,
+            ema=make_ema(model, tp.ema_decay),
+            optimizer=optimizer,
+            scheduler=LambdaLR(optimizer, lambda step: warmup_cosine(step, tp.warmup_steps, total_steps)),
+            scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+            grad_clip=tp.grad_clip,
+        )
+
+    _PARTS = ("model", "ema", "optimizer", "scheduler", "scaler")
+
+    def state_dict(self) -> dict:
+        return {key: getattr(self, key).state_dict() for key in self._PARTS}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in self._PARTS:
+            getattr(self, key).load_state_dict(state[key])
+
+
+def train_step(
+    opt: Optimization,
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    labels: torch.Tensor | None,
+    generator: torch.Generator,
+    autocast: Callable[[], ContextManager],
+) -> torch.Tensor:
+    """One optimisation step on a batch; returns the loss (on the device, no host sync)."""
+    with autocast():
+        loss = eps_loss(opt.model, schedule, x0, labels, generator)
+    opt.optimizer.zero_grad(set_to_none=True)
+    opt.scaler.scale(loss).backward()
+    opt.scaler.unscale_(opt.optimizer)
+    torch.nn.utils.clip_grad_norm_(opt.model.parameters(), opt.grad_clip)
+    opt.scaler.step(opt.optimizer)
+    opt.scaler.update()
+    opt.scheduler.step()
+    opt.ema.update_parameters(opt.model)
+    return loss.detach()
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -111,22 +167,15 @@ def train_diffusion(
 
     schedule = make_schedule(params.diffusion.schedule, params.diffusion.timesteps)
     model = build_unet(params.model, NUM_CLASSES if conditional else None).to(device)
-    ema = make_ema(model, tp.ema_decay)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
     steps_per_epoch = math.ceil(len(data) / tp.batch_size)
-    total_steps = steps_per_epoch * params.epochs
-    scheduler = LambdaLR(optimizer, lambda step: warmup_cosine(step, tp.warmup_steps, total_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-    parts = {"model": model, "ema": ema, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+    opt = Optimization.build(model, tp, steps_per_epoch * params.epochs, precision, device)
     fingerprint = run_fingerprint(params, conditional)
     result = TrainResult(ema_state_dict={}, precision=precision, device=str(device))
     start_epoch = 1
     if resume_path.exists():
         state = load_safe(resume_path)
         if state.get("fingerprint") == fingerprint:
-            for key, part in parts.items():
-                part.load_state_dict(state[key])
+            opt.load_state_dict(state["optimization"])
             restore_rng_state(state["rng"], generator)
             result.losses, result.images_per_s, result.epoch_seconds = state["losses"], state["images_per_s"], state["epoch_seconds"]
             start_epoch = state["epoch"] + 1
@@ -147,17 +196,8 @@ def train_diffusion(
             if conditional:
                 drop = torch.rand(len(idx), generator=generator) < params.train_cond.p_uncond
                 y = labels[idx].masked_fill(drop, null_class).to(device)
-            with autocast():
-                loss = eps_loss(model, schedule, x0, y, generator)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tp.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            ema.update_parameters(model)
-            loss_sum += loss.detach() * len(idx)
+            loss = train_step(opt, schedule, x0, y, generator, autocast)
+            loss_sum += loss * len(idx)
             if step % PROGRESS_EVERY == 0 or step == steps_per_epoch - 1:
                 # The only host sync of the step loop: progress, and a check for divergence.
                 if not math.isfinite(loss_sum.item()):
@@ -176,12 +216,12 @@ def train_diffusion(
         result.losses.append(mean_loss)
         result.images_per_s.append(len(data) / seconds)
         result.epoch_seconds.append(seconds)
-        lr = scheduler.get_last_lr()[0]
+        lr = opt.scheduler.get_last_lr()[0]
         print(f"{name} epoch {epoch}: loss {mean_loss:.4f}, {len(data) / seconds:.0f} images/s, {seconds:.0f} s")
 
         if tracker is not None:
-            ema.module.eval()
-            grid = preview_grid(ema.module, params, conditional, device, autocast)
+            opt.ema.module.eval()
+            grid = preview_grid(opt.ema.module, params, conditional, device, autocast)
             tracker.log_metrics({"loss": mean_loss, "lr": lr, "images_per_s": len(data) / seconds, "epoch_seconds": seconds}, step=epoch)
             tracker.log_image(grid, key="samples", step=epoch)
 
@@ -189,7 +229,7 @@ def train_diffusion(
             {
                 "fingerprint": fingerprint,
                 "epoch": epoch,
-                **{key: part.state_dict() for key, part in parts.items()},
+                "optimization": opt.state_dict(),
                 "rng": rng_state(generator),
                 "losses": result.losses,
                 "images_per_s": result.images_per_s,
@@ -198,5 +238,5 @@ def train_diffusion(
             resume_path,
         )
 
-    result.ema_state_dict = {k: v.detach().cpu().clone() for k, v in ema.module.state_dict().items()}
+    result.ema_state_dict = {k: v.detach().cpu().clone() for k, v in opt.ema.module.state_dict().items()}
     return result

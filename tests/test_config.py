@@ -48,7 +48,7 @@ def test_unknown_nested_key():
 
 
 def test_unknown_sampler_and_schedule_list_the_choices():
-    assert "sample.sampler = 'euler': Input should be 'ddpm' or 'ddim'" in error_of(sample={"sampler": "euler"})
+    assert "sample.sampler = 'euler': Input should be 'ddpm', 'ddim' or 'dpmpp2m'" in error_of(sample={"sampler": "euler"})
     assert "'linear' or 'cosine'" in error_of(diffusion={"schedule": "sigmoid"})
 
 

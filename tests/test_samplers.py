@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from ddpm_core.samplers import DDIMSampler, DDPMSampler, guided_eps, make_sampler, sample
+from ddpm_core.samplers import DDIMSampler, DDPMSampler, DPMSolverPPSampler, guided_eps, make_sampler, sample
 from ddpm_core.schedule import make_schedule
 
 
@@ -30,7 +30,7 @@ class ConstantDataEps(nn.Module):
         return (xt - ab.sqrt() * target) / (1 - ab).sqrt()
 
 
-@pytest.mark.parametrize("sampler_name,steps", [("ddpm", 1000), ("ddim", 50), ("ddim", 1)])
+@pytest.mark.parametrize("sampler_name,steps", [("ddpm", 1000), ("ddim", 50), ("ddim", 1), ("dpmpp2m", 10), ("dpmpp2m", 1)])
 def test_samplers_recover_a_point_mass(sampler_name, steps):
     schedule = make_schedule("linear", 1000)
     model = ConstantDataEps(schedule, 0.4)
@@ -123,3 +123,53 @@ def test_same_generator_seed_gives_same_samples():
     c = sample(model, DDIMSampler(schedule, 10, eta=0.5), (2, 1, 5, 5), torch.Generator().manual_seed(4))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+def _ode_endpoints(sampler, schedule, mu, s, x_T):
+    """Run `sampler` with the exact ε of data N(mu, s²), in float64, without clipping."""
+    ab = schedule.alpha_bars
+    eps = lambda x, t: (1 - ab[t]).sqrt() * (x - ab[t].sqrt() * mu) / (ab[t] * s * s + 1 - ab[t])  # noqa: E731
+    x = x_T
+    for i, t in enumerate(sampler.timesteps.tolist()):
+        x = sampler.step(x, eps(x, t), i, torch.zeros_like(x))
+    return x
+
+
+@pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
+def test_dpm_solver_is_second_order_on_gaussian_data(schedule_name):
+    # For data N(mu, s²) the probability-flow ODE has the closed-form solution
+    # x_t = √ᾱ_t mu + √(ᾱ_t s² + 1 − ᾱ_t) z: x_T maps to x_0 = mu + s z.
+    schedule = make_schedule(schedule_name, 1000)
+    mu, s = 0.3, 0.5
+    x_T = torch.randn(1000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ab_T = schedule.alpha_bars[-1]
+    exact = mu + s * (x_T - ab_T.sqrt() * mu) / (ab_T * s * s + 1 - ab_T).sqrt()
+
+    def error(sampler):
+        return (_ode_endpoints(sampler, schedule, mu, s, x_T) - exact).abs().max().item()
+
+    ddim = [error(DDIMSampler(schedule, n, clip_x0=False)) for n in (10, 20)]
+    dpm = [error(DPMSolverPPSampler(schedule, n, clip_x0=False)) for n in (10, 20)]
+    assert 1.6 < ddim[0] / ddim[1] < 2.4  # first order: twice the steps, half the error
+    assert dpm[0] / dpm[1] > 4  # faster than first order
+    assert dpm[1] < ddim[1] / 3 and dpm[1] < 0.07
+
+
+def test_dpm_solver_first_and_single_steps_are_ddim_steps():
+    schedule = make_schedule("cosine", 1000)
+    xt, eps = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    zeros = torch.zeros_like(xt)
+    assert torch.allclose(DPMSolverPPSampler(schedule, 10).step(xt, eps, 0, zeros), DDIMSampler(schedule, 10).step(xt, eps, 0, zeros), atol=1e-5)
+    assert torch.allclose(DPMSolverPPSampler(schedule, 1).step(xt, eps, 0, zeros), DDIMSampler(schedule, 1).step(xt, eps, 0, zeros), atol=1e-6)
+
+
+def test_dpm_solver_restarts_its_history_for_each_loop():
+    schedule = make_schedule("linear", 1000)
+    torch.manual_seed(0)
+    net = nn.Conv2d(1, 1, 3, padding=1)
+    model = lambda x, t, labels: torch.tanh(net(x))  # noqa: E731
+    sampler = DPMSolverPPSampler(schedule, 8)
+    with torch.no_grad():
+        a = sample(model, sampler, (2, 1, 5, 5), torch.Generator().manual_seed(1))
+        b = sample(model, sampler, (2, 1, 5, 5), torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
