@@ -52,11 +52,9 @@ def mnist_root(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture
-def project_clone(tmp_path) -> Path:
-    """A fresh git repository holding this checkout's files (committed or not, without
-    generated data, models or MLflow store), ready for `dvc repro`."""
-    clone = tmp_path / "project"
+def clone_project(clone: Path) -> Path:
+    """Make `clone` a fresh git repository holding this checkout's files (committed or
+    not, without generated data, models or MLflow store), ready for `dvc repro`."""
     shutil.copytree(
         ROOT,
         clone,
@@ -68,3 +66,9 @@ def project_clone(tmp_path) -> Path:
     subprocess.run(["git", "add", "-A"], cwd=clone, check=True)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "test"], cwd=clone, check=True)
     return clone
+
+
+@pytest.fixture
+def project_clone(tmp_path) -> Path:
+    """A fresh copy of the project in a git repository of its own (see clone_project)."""
+    return clone_project(tmp_path / "project")

@@ -67,6 +67,13 @@ def test_truncated_file_is_named(bad_mirror, tmp_path):
     assert_nothing_left(tmp_path / "data")
 
 
+def test_corrupt_file_is_named(bad_mirror, tmp_path):
+    (bad_mirror / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte.gz: not a complete gzip file \(Not a gzipped file"):
+        fetch_mnist(tmp_path / "data", bad_mirror)
+    assert_nothing_left(tmp_path / "data")
+
+
 def test_wrong_content_is_named(bad_mirror, tmp_path):
     path = bad_mirror / "t10k-labels-idx1-ubyte.gz"
     content = bytearray(gzip.decompress(path.read_bytes()))

@@ -180,7 +180,7 @@ def run_stage(clone, script, *args, env=None):
         ({"data": {"train_subset": 70000}}, "error: params.yaml: data.train_subset = 70000: Input should be less than or equal to 60000"),
         ({"epoch": 3}, "error: params.yaml: unknown key 'epoch' (did you mean 'epochs'?)"),
         ({"sampler": {"steps": 3}}, "error: params.yaml: unknown key 'sampler' (did you mean 'sample'?)"),
-        ({"sample": {"sampler": "euler"}}, "error: params.yaml: sample.sampler = 'euler': Input should be 'ddpm' or 'ddim'"),
+        ({"sample": {"sampler": "euler"}}, "error: params.yaml: sample.sampler = 'euler': Input should be 'ddpm', 'ddim' or 'dpmpp2m'"),
         ({"diffusion": {"schedule": "sigmoid"}}, "error: params.yaml: diffusion.schedule = 'sigmoid': Input should be 'linear' or 'cosine'"),
     ],
 )
@@ -215,3 +215,55 @@ def test_fetch_stage_reports_a_missing_mirror(project_clone):
     assert done.returncode == 1
     assert done.stderr.strip() == f"error: {project_clone / 'no-such-folder'}: DDPM_DATA_MIRROR is not a folder"
     assert not (project_clone / "data" / "MNIST").exists()
+
+
+@pytest.mark.parametrize(
+    "mount,reason",
+    [
+        (["--bind", "-o", "ro"], "Read-only file system"),  # an unwritable models/
+        (["-t", "tmpfs", "-o", "size=64k", "tmpfs"], "No space left on device"),  # a full disk
+    ],
+    ids=["read-only", "disk-full"],
+)
+def test_unwritable_models_folder_stops_a_stage_naming_the_file(tmp_path, monkeypatch, capsys, mount, reason):
+    from conftest import ROOT
+
+    monkeypatch.syspath_prepend(str(ROOT / "stages"))
+    import common
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_raw()))
+    monkeypatch.chdir(tmp_path)
+    models = tmp_path / "models"
+    models.mkdir()
+    read_only = "--bind" in mount
+    if read_only:
+        (models / "uncond.pt").write_bytes(b"previous")
+    with mounted(mount + [str(models)] if read_only else mount, models):
+        if not read_only:
+            (models / "uncond.pt").write_bytes(b"previous")
+        with pytest.raises(SystemExit) as exit_info:
+            common.main(lambda params: save_atomic({"w": torch.zeros(100_000)}, models / "uncond.pt"))
+        assert exit_info.value.code == 1
+        assert capsys.readouterr().err.strip() == f"error: {models / 'uncond.pt'}: {reason}"
+        assert [p.name for p in models.iterdir()] == ["uncond.pt"]  # no temp file left
+        assert (models / "uncond.pt").read_bytes() == b"previous"
+
+
+@pytest.mark.parametrize("key", ["epoch", "sample.setps"])
+def test_dvc_exp_run_refuses_a_mistyped_key(project_clone, key):
+    before = (project_clone / "params.yaml").read_bytes()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    done = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-S", f"{key}=3"], cwd=project_clone, env=env, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert f"ERROR: Invalid `--set-param` value: Could not override '{key}'." in done.stderr
+    assert (project_clone / "params.yaml").read_bytes() == before
+    assert not (project_clone / "mlflow.db").exists()
+
+
+def test_mlflow_ui_instructions_bind_to_localhost():
+    from conftest import ROOT
+
+    commands = [line.strip() for line in (ROOT / "README.md").read_text().splitlines() if line.strip().startswith(("mlflow ui", "mlflow server"))]
+    assert commands, "the README should say how to open the MLflow UI"
+    for command in commands:
+        assert "--host 127.0.0.1" in command, f"{command!r} would listen beyond this machine"

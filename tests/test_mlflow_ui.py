@@ -1,0 +1,299 @@
+"""The MLflow UI in a real browser: a tiny `dvc repro`, then `mlflow server` on 127.0.0.1
+against its store, driven by headless Chromium through Selenium.
+
+Checks that the experiment's runs table shows the pipeline's parent run with its stage
+runs nested under it, and that a training run's *Model metrics* tab draws the loss curve
+and shows the sample grid logged at each epoch (the step slider moves between them).
+
+Screenshots go to the temporary project's reports/; set DDPM_SCREENSHOT_DIR (e.g. to
+`reports`) to keep a copy: that is how reports/mlflow_ui.png of the README is made.
+Needs Debian's `chromium` and `chromium-driver` (.ci/run installs them).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+from mlflow.tracking import MlflowClient
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support.ui import WebDriverWait
+
+from conftest import MIRROR, ROOT, clone_project, tiny_raw
+from ddpm_core.tracking import EXPERIMENT, ROLE_TAG
+
+CHROMIUM = Path(os.environ.get("DDPM_CHROMIUM", "/usr/bin/chromium"))
+CHROMEDRIVER = Path(os.environ.get("DDPM_CHROMEDRIVER", "/usr/bin/chromedriver"))
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not MIRROR.is_dir(), reason=f"no MNIST mirror at {MIRROR}"),
+    pytest.mark.skipif(
+        not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
+        reason=f"needs Chromium at {CHROMIUM} and its driver at {CHROMEDRIVER} "
+        "(Debian: apt-get install chromium chromium-driver)",
+    ),
+]
+
+STAGES = ["fetch_data", "train_uncond", "train_cond", "train_evaluator", "sample", "evaluate", "plot"]
+EPOCHS = 2
+WAIT = 60  # seconds; a loaded 2-core machine renders the UI slowly
+
+
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["DDPM_DATA_MIRROR"] = str(MIRROR)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    return env
+
+
+# --- fixtures: pipeline, server, browser -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A project copy after a tiny `dvc repro` (two epochs: two sample grids per model)."""
+    clone = clone_project(tmp_path_factory.mktemp("ui") / "project")
+    params = tiny_raw(epochs=EPOCHS, data={"train_subset": 192})
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=clone, env=clean_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, f"dvc repro failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return clone
+
+
+@pytest.fixture(scope="module")
+def runs(project) -> dict:
+    """Ids of the experiment, the parent run and its stage runs, from the store itself."""
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    (parent,) = client.search_runs([experiment.experiment_id], f"tags.`{ROLE_TAG}` = 'pipeline'")
+    children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    return {
+        "experiment_id": experiment.experiment_id,
+        "parent": parent,
+        "children": {r.info.run_name: r.info.run_id for r in children},
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(project, tmp_path_factory) -> str:
+    """`mlflow server` on 127.0.0.1 over the project's store, as the README starts `mlflow ui`."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("server") / "mlflow-server.log"
+    cmd = [
+        sys.executable, "-m", "mlflow", "server",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{project}/mlflow.db",
+        "--artifacts-destination", str(project / "mlartifacts"),
+        "--workers", "1",
+    ]  # fmt: skip
+    # No job runner: it would start a dozen worker processes that the UI pages here don't use.
+    env = clean_env() | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with log_path.open("w") as log:
+        # Its own process group, so that teardown stops uvicorn's worker with it.
+        proc = subprocess.Popen(cmd, cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + WAIT
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                if requests.get(url + "health", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server not healthy after {WAIT} s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's own process group, then SIGKILL if it lingers."""
+    for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory) -> WebDriver:
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+        "--disable-background-networking", "--disable-component-update", "--no-first-run",
+        "--disable-sync", "--disable-quic", "--window-size=1600,1500",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+    ):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        driver.set_page_load_timeout(WAIT)
+        yield driver
+    finally:
+        driver.quit()
+
+
+def screenshot(driver: WebDriver, project: Path, name: str) -> Path:
+    path = project / "reports" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert driver.save_screenshot(str(path)), f"could not save {path}"
+    if os.environ.get("DDPM_SCREENSHOT_DIR"):
+        keep = Path(os.environ["DDPM_SCREENSHOT_DIR"])
+        keep = keep if keep.is_absolute() else ROOT / keep
+        keep.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, keep / name)
+    return path
+
+
+# --- page helpers -------------------------------------------------------------------
+
+
+def wait(driver: WebDriver, condition, what: str, timeout: float = WAIT):
+    return WebDriverWait(driver, timeout, poll_frequency=0.5).until(condition, f"after {timeout} s: {what}")
+
+
+def visible_lines(driver: WebDriver) -> set[str]:
+    return {line.strip() for line in driver.find_element(By.TAG_NAME, "body").text.splitlines()}
+
+
+def close_assistant(driver: WebDriver) -> None:
+    """A fresh profile opens the "MLflow Assistant" side panel; it hides half the page."""
+    for button in driver.find_elements(By.CSS_SELECTOR, "button[aria-label='Close']"):
+        if button.is_displayed():
+            button.click()
+
+
+def chart_card(driver: WebDriver, title: str) -> WebElement | None:
+    """The chart card titled `title`, scrolling the virtualised card grid until it renders."""
+    for attempt in range(20):
+        for card in driver.find_elements(By.CSS_SELECTOR, "[data-testid='experiment-view-compare-runs-card']"):
+            if card.text.split("\n", 1)[0].strip() == title:
+                driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", card)
+                return card
+        at_end = driver.execute_script(
+            """let el = document.querySelector("[data-testid='draggable-chart-cards-grid']");
+            while (el && !(el.scrollHeight > el.clientHeight && /auto|scroll/.test(getComputedStyle(el).overflowY))) el = el.parentElement;
+            if (!el || el.scrollTop + el.clientHeight >= el.scrollHeight) return true;
+            el.scrollTop += el.clientHeight / 2; return false;"""
+        )
+        if at_end and attempt > 0:
+            return None
+        time.sleep(0.5)
+    return None
+
+
+def move_slider(driver: WebDriver, slider: WebElement, step: int) -> None:
+    """Move the image card's step slider to `step` with the arrow keys, as a user would
+    (it starts at 0, below its first step)."""
+    slider.click()
+    for _ in range(2 * EPOCHS + 2):
+        now = int(slider.get_attribute("aria-valuenow"))
+        if now == step:
+            return
+        ActionChains(driver).send_keys(Keys.ARROW_RIGHT if now < step else Keys.ARROW_LEFT).perform()
+        wait(driver, lambda _: int(slider.get_attribute("aria-valuenow")) != now, f"the slider to leave step {now}", timeout=10)
+    raise AssertionError(f"the slider does not reach step {step}")
+
+
+def loaded_image(driver: WebDriver, card: WebElement, step: int) -> WebElement | None:
+    """The card's <img> of the image logged at `step`, once the browser has decoded it.
+    The image sits below the run's params inside the card's own scroll area, and loads
+    only when scrolled into view."""
+    driver.execute_script(
+        """for (const el of arguments[0].querySelectorAll('*'))
+             if (el.scrollHeight > el.clientHeight + 2 && /auto|scroll/.test(getComputedStyle(el).overflowY)) el.scrollTop = el.scrollHeight;""",
+        card,
+    )
+    for img in card.find_elements(By.TAG_NAME, "img"):
+        src = img.get_attribute("src") or ""
+        if f"step%2B{step}%2B" in src and driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img):
+            return img
+    return None
+
+
+# --- the tests ----------------------------------------------------------------------
+
+
+def test_runs_table_shows_the_parent_run_and_its_stage_runs(browser, server, runs, project):
+    assert sorted(runs["children"]) == sorted(STAGES)
+    parent_name = runs["parent"].info.run_name
+    # `#/experiments/<id>` opens the GenAI overview; the runs table is under /runs, and
+    # workflowType=machine_learning switches the sidebar to "Model training".
+    browser.get(f"{server}#/experiments/{runs['experiment_id']}/runs?workflowType=machine_learning")
+    wait(browser, lambda d: parent_name in visible_lines(d), f"parent run {parent_name!r} in the runs table")
+    close_assistant(browser)
+    assert "train_uncond" not in visible_lines(browser), "stage runs should be folded under their parent"
+
+    expand = wait(
+        browser,
+        lambda d: d.find_elements(By.CSS_SELECTOR, "button[data-component-id*='runnamecellrenderer']"),
+        "the expand button of the parent run",
+    )
+    assert len(expand) == 1, "one parent run has children"
+    expand[0].click()
+    wait(browser, lambda d: set(STAGES) <= visible_lines(d), f"stage runs {STAGES} under the parent")
+    lines = visible_lines(browser)
+    assert f"{1 + len(STAGES)} matching runs" in lines
+    screenshot(browser, project, "mlflow_ui_runs.png")
+
+
+@pytest.mark.parametrize("stage", ["train_uncond", "train_cond"])
+def test_model_metrics_show_the_loss_curve_and_a_sample_grid_per_epoch(browser, server, runs, project, stage):
+    run_id = runs["children"][stage]
+    browser.get(f"{server}#/experiments/{runs['experiment_id']}/runs/{run_id}/model-metrics?workflowType=machine_learning")
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "[data-testid='experiment-view-compare-runs-card']"), "chart cards")
+    close_assistant(browser)
+
+    # The loss chart: a line over steps (= epochs) 1..EPOCHS, drawn by plotly.
+    loss = wait(browser, lambda d: chart_card(d, "loss"), "the 'loss' chart card")
+    wait(browser, lambda d: loss.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .scatterlayer .trace path"), "the loss curve drawn")
+    lines = loss.text.splitlines()
+    assert "Step" in lines and f"{stage} (loss)" in lines
+    for name in ("lr", "images_per_s"):
+        assert chart_card(browser, name) is not None, f"no {name!r} chart"
+
+    # The sample grids: the "samples" image card, its slider over the epochs.
+    card = wait(browser, lambda d: chart_card(d, "samples"), "the 'samples' image card")
+    slider = card.find_element(By.CSS_SELECTOR, "[role='slider']")
+    assert (slider.get_attribute("aria-valuemin"), slider.get_attribute("aria-valuemax")) == ("1", str(EPOCHS))
+    sources = {}
+    for step in range(1, EPOCHS + 1):
+        move_slider(browser, slider, step)
+        img = wait(browser, lambda d: loaded_image(d, card, step), f"the sample grid of epoch {step} loaded")
+        sources[step] = img.get_attribute("src")
+        assert run_id in sources[step]
+    assert len(set(sources.values())) == EPOCHS, "each epoch shows its own grid"
+    if stage == "train_cond":  # one grid row per digit: the README's picture
+        screenshot(browser, project, "mlflow_ui.png")
