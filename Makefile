@@ -18,3 +18,8 @@ run: setup
 
 test: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" python -m pytest
+
+# Speed and memory tables (benchmarks/benchmark.py); installs diffusers for the comparison.
+bench: setup
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python benchmarks/benchmark.py

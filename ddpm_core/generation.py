@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ddpm_core import hardware
 from ddpm_core.config import ModelParams
 from ddpm_core.data import NUM_CLASSES, to_uint8
 from ddpm_core.errors import DataError
@@ -22,7 +23,7 @@ def load_unet(path: Path, params: ModelParams, conditional: bool, device: torch.
     """The EMA weights of a trained model, from a state_dict file, ready to sample."""
     model = build_unet(params, NUM_CLASSES if conditional else None)
     model.load_state_dict(load_safe(path))
-    return model.to(device).eval().requires_grad_(False)
+    return hardware.place_model(model, device).eval().requires_grad_(False)
 
 
 def balanced_labels(n: int, num_classes: int = NUM_CLASSES) -> torch.Tensor:

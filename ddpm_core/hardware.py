@@ -59,6 +59,18 @@ def autocast_factory(precision: str, device: torch.device) -> Callable[[], Conte
     return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
 
 
+def place_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Move `model` to `device`, its conv weights in channels-last layout on CPU and CUDA.
+
+    oneDNN's CPU convolutions otherwise reorder NCHW tensors on every call: channels-last
+    measured 15–40 % faster for these U-Nets (benchmarks/benchmark.py). Activations follow
+    the weights' layout, so inputs need no conversion.
+    """
+    if device.type in ("cpu", "cuda"):
+        return model.to(device, memory_format=torch.channels_last)
+    return model.to(device)
+
+
 def configure_threads() -> int:
     """One intra-op thread per core unless the user set OMP_NUM_THREADS or DDPM_THREADS."""
     threads = os.environ.get("DDPM_THREADS") or os.environ.get("OMP_NUM_THREADS")
