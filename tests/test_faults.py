@@ -260,6 +260,15 @@ def test_dvc_exp_run_refuses_a_mistyped_key(project_clone, key):
     assert not (project_clone / "mlflow.db").exists()
 
 
+def test_dvc_exp_run_with_a_new_mistyped_key_reaches_the_schema(project_clone):
+    # `-S +epoch=3` adds a key DVC doesn't know; only the check_params stage reads the whole file.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    done = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-S", "+epoch=3", "check_params"], cwd=project_clone, env=env, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "error: params.yaml: unknown key 'epoch' (did you mean 'epochs'?)" in done.stderr
+    assert not (project_clone / "mlflow.db").exists()
+
+
 def test_mlflow_ui_instructions_bind_to_localhost():
     from conftest import ROOT
 
