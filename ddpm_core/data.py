@@ -91,7 +91,9 @@ def fetch_mnist(root: Path, mirror: Path | None = None) -> Path:
             dest.parent.mkdir()
             staging.rename(dest)
     except OSError as exc:
-        where = exc.filename or dest.parent.parent
+        root = dest.parent.parent
+        # A failure inside the hidden staging folder is a failure to write `root`: name that.
+        where = exc.filename if exc.filename and root.resolve() not in Path(exc.filename).resolve().parents else root
         raise DataError(f"{where}: cannot write the dataset ({exc.strerror or exc}); nothing was kept") from None
     return dest
 

@@ -91,11 +91,15 @@ def test_disk_full_is_an_error_naming_the_file_and_leaves_nothing(tmp_path):
 
 
 @pytest.mark.skipif(not MIRROR.is_dir(), reason=f"no MNIST mirror at {MIRROR}")
-def test_read_only_data_folder(tmp_path):
-    with mounted(["--bind", "-o", "ro", str(tmp_path)], tmp_path) as root:
-        with pytest.raises(DataError, match=r"cannot write the dataset \(Read-only file system\); nothing was kept"):
-            fetch_mnist(root / "data", MIRROR)
-    assert not (tmp_path / "data").exists()
+@pytest.mark.parametrize("data_exists", [False, True])
+def test_read_only_data_folder(tmp_path, data_exists):
+    read_only = tmp_path / "data" if data_exists else tmp_path
+    read_only.mkdir(exist_ok=True)
+    with mounted(["--bind", "-o", "ro", str(read_only)], read_only):
+        with pytest.raises(DataError) as error:
+            fetch_mnist(tmp_path / "data", MIRROR)
+    assert str(error.value) == f"{tmp_path / 'data'}: cannot write the dataset (Read-only file system); nothing was kept"
+    assert list((tmp_path / "data").iterdir()) == [] if data_exists else not (tmp_path / "data").exists()
 
 
 # --- training ------------------------------------------------------------------
@@ -276,3 +280,21 @@ def test_mlflow_ui_instructions_bind_to_localhost():
     assert commands, "the README should say how to open the MLflow UI"
     for command in commands:
         assert "--host 127.0.0.1" in command, f"{command!r} would listen beyond this machine"
+
+
+def test_ctrl_c_in_a_stage_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    from conftest import ROOT
+
+    monkeypatch.syspath_prepend(str(ROOT / "stages"))
+    import common
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_raw()))
+    monkeypatch.chdir(tmp_path)
+
+    def interrupted(params):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        common.main(interrupted)
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
