@@ -39,6 +39,7 @@ from ddpm_core import hardware  # noqa: E402
 from ddpm_core.config import load_params  # noqa: E402
 from ddpm_core.data import NUM_CLASSES  # noqa: E402
 from ddpm_core.samplers import make_sampler, sample  # noqa: E402
+from ddpm_core.report import software_versions  # noqa: E402
 from ddpm_core.schedule import make_schedule  # noqa: E402
 from ddpm_core.train import Optimization, train_step  # noqa: E402
 from ddpm_core.unet import build_unet  # noqa: E402
@@ -137,15 +138,7 @@ def run_child(spec: dict) -> dict:
 
 
 def versions() -> str:
-    import importlib.metadata as md
-
-    def v(name):
-        try:
-            return md.version(name)
-        except md.PackageNotFoundError:
-            return "not installed"
-
-    return f"python {platform.python_version()}, torch {torch.__version__}, diffusers {v('diffusers')}"
+    return ", ".join(f"{name} {v}" for name, v in software_versions(("torch", "diffusers")).items())
 
 
 def machine() -> str:

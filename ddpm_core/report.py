@@ -8,9 +8,9 @@ from importlib.metadata import PackageNotFoundError, version
 PACKAGES = ("torch", "torchvision", "torchmetrics", "numpy", "dvc", "mlflow")
 
 
-def software_versions() -> dict[str, str]:
+def software_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
     versions = {"python": platform.python_version()}
-    for name in PACKAGES:
+    for name in packages:
         try:
             versions[name] = version(name)
         except PackageNotFoundError:
