@@ -3,7 +3,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test bench
+.PHONY: setup run test bench bundle verify
 
 setup: $(VENV)/.installed
 
@@ -23,3 +23,12 @@ test: setup
 bench: setup
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python benchmarks/benchmark.py
+
+# Submission: `make bundle` packs code, params, dvc.lock, reports, checkpoint hashes and the
+# environment into submissions/; `make verify BUNDLE=path` reruns it in a temporary folder.
+bundle: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/submission.py pack
+
+verify: setup
+	@test -n "$(BUNDLE)" || { echo "usage: make verify BUNDLE=submissions/<name>.tar.gz" >&2; exit 2; }
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/submission.py verify "$(BUNDLE)"

@@ -39,7 +39,7 @@ from ddpm_core import hardware  # noqa: E402
 from ddpm_core.config import load_params  # noqa: E402
 from ddpm_core.data import NUM_CLASSES  # noqa: E402
 from ddpm_core.samplers import make_sampler, sample  # noqa: E402
-from ddpm_core.report import software_versions  # noqa: E402
+from ddpm_core.environment import software_versions  # noqa: E402
 from ddpm_core.schedule import make_schedule  # noqa: E402
 from ddpm_core.train import Optimization, train_step  # noqa: E402
 from ddpm_core.unet import build_unet  # noqa: E402

@@ -2,21 +2,6 @@
 
 from __future__ import annotations
 
-import platform
-from importlib.metadata import PackageNotFoundError, version
-
-PACKAGES = ("torch", "torchvision", "torchmetrics", "numpy", "dvc", "mlflow")
-
-
-def software_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in packages:
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
 
 def _table(header: tuple[str, ...], rows: list[tuple]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -167,18 +167,27 @@ def sample(
     guidance: float = 1.0,
     device: torch.device | str = "cpu",
     autocast: Callable[[], ContextManager] = contextlib.nullcontext,
-    on_step: Callable[[int, torch.Tensor], None] | None = None,
+    on_step: Callable[[int, torch.Tensor, torch.Tensor | None], None] | None = None,
 ) -> torch.Tensor:
     """Draw `shape` images in [−1, 1]. All noise comes from the CPU `generator`, so the
-    same seed gives the same images on any device (up to the device's arithmetic)."""
+    same seed gives the same images on any device (up to the device's arithmetic).
+
+    `on_step(k, x, x0)` watches the loop, len(sampler.timesteps) + 1 calls: k = 0 with the
+    initial noise (x0 None: nothing predicted yet), then after step k the new x and the
+    clean image x̂_0 the model predicted at that step. It changes no result.
+    """
     x = torch.randn(shape, generator=generator).to(device)
     labels = labels.to(device) if labels is not None else None
+    if on_step is not None:
+        on_step(0, x, None)
     for i, t in enumerate(sampler.timesteps.tolist()):
         t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
         with autocast():
             eps = guided_eps(model, x, t_batch, labels, guidance).float()
         noise = torch.randn(shape, generator=generator).to(device)
-        x = sampler.step(x, eps, i, noise)
+        x_next = sampler.step(x, eps, i, noise)
         if on_step is not None:
-            on_step(i, x)
+            x0, _ = _x0_and_eps(sampler.schedule.alpha_bar_at(torch.tensor(t)), x, eps, sampler.clip_x0)
+            on_step(i + 1, x_next, x0)
+        x = x_next
     return x.clamp(-1, 1)

@@ -11,16 +11,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import mlflow
 import numpy as np
+import psutil
 import requests
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
 from ddpm_core.config import flatten
 from ddpm_core.errors import TrackingError
@@ -33,6 +35,9 @@ EXPERIMENT = "ddpm-mnist"
 PIPELINE_TAG = "ddpm.pipeline_id"
 STAGE_TAG = "ddpm.stage"
 ROLE_TAG = "ddpm.role"  # "pipeline" on parent runs, "stage" on their children
+ENV_TAG_PREFIX = "env."
+HOST_TAG = "ddpm.host"  # with PID_TAG: which process a stage run belongs to, to spot orphans
+PID_TAG = "ddpm.pid"
 
 
 LOCK_RETRY_SECONDS = (1, 2, 4, 8, 15, 30, 60)  # waits between tries on a locked SQLite store
@@ -134,12 +139,10 @@ class StageRun:
         self.client.log_artifact(self.parent_id, str(path), artifact_path)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value))
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def set_parent_tags(self, tags: dict[str, Any]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.parent_id, key, str(value))
+        self.client.log_batch(self.parent_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 def _find_or_start_parent(client: _PatientClient, experiment_id: str, pipeline_id: str, pipeline_name: str, all_params: dict) -> str:
@@ -157,6 +160,30 @@ def _find_or_start_parent(client: _PatientClient, experiment_id: str, pipeline_i
     return parent.info.run_id
 
 
+def _process_alive(pid: int, started_ms: int) -> bool:
+    """Whether `pid` is still the process that started a run at `started_ms` (a pid can be reused)."""
+    try:
+        return psutil.Process(pid).create_time() * 1000 <= started_ms + 1000
+    except psutil.Error:
+        return False
+
+
+def _close_orphans(client: _PatientClient, experiment_id: str) -> None:
+    """Mark KILLED the stage runs (and their parents) left RUNNING on this host by a
+    process that no longer exists: a SIGKILL, a power cut, an out-of-memory kill."""
+    running = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' AND tags.`{ROLE_TAG}` = 'stage' AND tags.`{HOST_TAG}` = '{socket.gethostname()}'",
+    )
+    for run in running:
+        pid = run.data.tags.get(PID_TAG, "")
+        if pid.isdigit() and not _process_alive(int(pid), run.info.start_time):
+            client.set_terminated(run.info.run_id, "KILLED")
+            parent_id = run.data.tags.get(MLFLOW_PARENT_RUN_ID)
+            if parent_id and client.get_run(parent_id).info.status == "RUNNING":
+                client.set_terminated(parent_id, "KILLED")
+
+
 @contextlib.contextmanager
 def stage_run(
     root: Path,
@@ -165,20 +192,35 @@ def stage_run(
     stage: str,
     all_params: dict[str, Any],
     stage_params: dict[str, Any],
+    environment: dict[str, str] | None = None,
 ) -> Iterator[StageRun]:
     """Open the child run `stage` under the parent run of `pipeline_id` (made on first use).
 
-    The child ends FINISHED, or FAILED if the body raises; the parent's status follows
-    its latest child, so after the last stage it reads FINISHED.
+    `environment` (versions, device, git revision, input hashes) becomes `env.*` tags on
+    both runs, and the git revision also MLflow's own source-commit tag.
+
+    The child ends FINISHED, KILLED on Ctrl-C or SIGTERM, or FAILED if the body raises;
+    the parent's status follows its latest child, so after the last stage it reads
+    FINISHED. Runs orphaned by a SIGKILL are marked KILLED when the next stage starts.
     """
     client, experiment_id = _connect(root)
+    _close_orphans(client, experiment_id)
     parent_id = _find_or_start_parent(client, experiment_id, pipeline_id, pipeline_name, all_params)
     child = client.create_run(
         experiment_id,
         run_name=stage,
-        tags={MLFLOW_PARENT_RUN_ID: parent_id, PIPELINE_TAG: pipeline_id, STAGE_TAG: stage, ROLE_TAG: "stage"},
+        tags={
+            MLFLOW_PARENT_RUN_ID: parent_id, PIPELINE_TAG: pipeline_id, STAGE_TAG: stage, ROLE_TAG: "stage",
+            HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
+        },  # fmt: skip
     )
     run = StageRun(client, child.info.run_id, parent_id)
+    if environment:
+        tags = {f"{ENV_TAG_PREFIX}{k}": v for k, v in environment.items()}
+        if "git_revision" in environment:
+            tags[MLFLOW_GIT_COMMIT] = environment["git_revision"]
+        run.set_tags(tags)
+        run.set_parent_tags(tags)
     if stage_params:
         params = _stringify(stage_params)
         client.log_batch(run.run_id, params=[Param(k, v) for k, v in params.items()])
@@ -186,6 +228,50 @@ def stage_run(
     try:
         yield run
         status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         client.set_terminated(run.run_id, status)
         client.set_terminated(parent_id, status)
+
+
+def checkpoint_from_run(root: Path, run_id: str, kind: str, dest: Path) -> tuple[Path, dict[str, str]]:
+    """The weights a train_<kind> run logged (artifact checkpoint/<kind>.pt), downloaded
+    into `dest`, and the params that run read (flat dotted keys, values as logged text).
+
+    `run_id` is that stage run, or a pipeline's parent run: then its latest finished
+    train_<kind> child is taken.
+    """
+    uri = tracking_uri(root)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        raise TrackingError(f"no MLflow store at {uri}; run from the project folder, or set MLFLOW_TRACKING_URI")
+    client = _PatientClient(uri)
+    stage = f"train_{kind}"
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise TrackingError(f"MLflow run {run_id}: not found in {uri}") from None
+    if run.data.tags.get(ROLE_TAG) == "pipeline":
+        children = client.search_runs(
+            [run.info.experiment_id],
+            filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}' AND tags.`{STAGE_TAG}` = '{stage}' AND attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if not children:
+            raise TrackingError(
+                f"pipeline run {run_id} has no finished {stage} run (DVC may have taken models/{kind}.pt "
+                f"from its cache); give the id of the {stage} run that trained it"
+            )
+        run = children[0]
+    elif run.data.tags.get(STAGE_TAG) != stage:
+        found = run.data.tags.get(STAGE_TAG)
+        what = f"a {found} run" if found else "not a run of this pipeline"
+        raise TrackingError(f"MLflow run {run_id} is {what}; give a {stage} run or a pipeline's parent run")
+    try:
+        local = client.download_artifacts(run.info.run_id, f"checkpoint/{kind}.pt", str(dest))
+    except (mlflow.exceptions.MlflowException, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrackingError(f"MLflow run {run.info.run_id}: no checkpoint/{kind}.pt artifact ({first})") from None
+    return Path(local), dict(run.data.params)

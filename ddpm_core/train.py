@@ -51,6 +51,7 @@ class TrainResult:
     epoch_seconds: list[float] = field(default_factory=list)
     precision: str = "fp32"
     device: str = "cpu"
+    resumed_after_epoch: int = 0  # 0: trained from scratch
 
 
 @dataclass
@@ -179,7 +180,8 @@ def train_diffusion(
             restore_rng_state(state["rng"], generator)
             result.losses, result.images_per_s, result.epoch_seconds = state["losses"], state["images_per_s"], state["epoch_seconds"]
             start_epoch = state["epoch"] + 1
-            print(f"{name}: resuming after epoch {state['epoch']} from {resume_path}")
+            result.resumed_after_epoch = state["epoch"]
+            print(f"{name}: resuming after epoch {state['epoch']} from {resume_path}", flush=True)
 
     images, labels = data.images, data.labels
     null_class = NUM_CLASSES
@@ -217,7 +219,6 @@ def train_diffusion(
         result.images_per_s.append(len(data) / seconds)
         result.epoch_seconds.append(seconds)
         lr = opt.scheduler.get_last_lr()[0]
-        print(f"{name} epoch {epoch}: loss {mean_loss:.4f}, {len(data) / seconds:.0f} images/s, {seconds:.0f} s")
 
         if tracker is not None:
             opt.ema.module.eval()
@@ -237,6 +238,8 @@ def train_diffusion(
             },
             resume_path,
         )
+        # Printed once the epoch is saved: from here on, an interruption resumes after it.
+        print(f"{name} epoch {epoch}: loss {mean_loss:.4f}, {len(data) / seconds:.0f} images/s, {seconds:.0f} s", flush=True)
 
     result.ema_state_dict = {k: v.detach().cpu().clone() for k, v in opt.ema.module.state_dict().items()}
     return result

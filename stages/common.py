@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
+import signal
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 # --temp experiment must run the library as it was when the experiment was made.
 sys.path.insert(0, str(HERE.parent))
 
-from ddpm_core import hardware, tracking  # noqa: E402
+from ddpm_core import environment, hardware, tracking  # noqa: E402
 from ddpm_core.config import Params, flatten, load_params  # noqa: E402
 from ddpm_core.errors import DDPMError  # noqa: E402
 
@@ -54,14 +54,10 @@ def data_mirror() -> Path | None:
     return path
 
 
-def git_revision() -> str:
-    """The commit of the code being run, with "+changes" if the work tree differs from it."""
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    return rev + ("+changes" if dirty else "")
+def run_environment() -> dict[str, str]:
+    """Versions, device, threads, git revision and the hashes of params.yaml and dvc.lock
+    (as they are when the stage starts: DVC updates dvc.lock after each stage)."""
+    return environment.describe(Path.cwd())
 
 
 def stage_keys(stage: str, params: Params) -> dict:
@@ -100,12 +96,22 @@ def pipeline_identity() -> tuple[str, str]:
 def stage_run(stage: str, params: Params) -> Iterator[tracking.StageRun]:
     """The MLflow child run of this stage, under this execution's parent run."""
     pipeline_id, name = pipeline_identity()
-    with tracking.stage_run(repo_root(), pipeline_id, name, stage, flatten(params), stage_keys(stage, params)) as run:
+    env = run_environment()
+    with tracking.stage_run(repo_root(), pipeline_id, name, stage, flatten(params), stage_keys(stage, params), env) as run:
         yield run
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(stage_main: Callable[[Params], None]) -> None:
-    """Load params and run the stage; a user error becomes one line and an exit status."""
+    """Load params and run the stage; a user error becomes one line and an exit status.
+
+    SIGTERM (what `kill`, schedulers and `timeout` send) is handled as Ctrl-C is: the
+    stage stops, its MLflow run is marked KILLED, and the exit status is 128 + signal.
+    """
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         params = load_params("params.yaml")
         hardware.configure_threads()
@@ -117,6 +123,7 @@ def main(stage_main: Callable[[Params], None]) -> None:
         # Disk full, a read-only folder, a missing input: say which file, and why.
         print(f"error: {exc.filename}: {exc.strerror}" if exc.filename else f"error: {exc}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        name = exc.args[0] if exc.args else "SIGINT"
+        print(f"interrupted ({name})", file=sys.stderr)
+        sys.exit(128 + signal.Signals[name].value)

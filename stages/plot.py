@@ -1,7 +1,9 @@
 """Stage plot: figures and reports/report.md, also logged to the parent MLflow run.
 
 Writes to reports/figures/: loss.png (both models), samples.png (generated grids),
-real_vs_generated.png, per_class_accuracy.png, class_fractions.png; a per-class table
+real_vs_generated.png, per_class_accuracy.png, class_fractions.png, and denoising.gif
+(the conditional model drawing four of each digit, from noise to digits, with the
+`sample` params' sampler, steps and guidance); a per-class table
 reports/per_class.csv for `dvc plots`; and reports/report.md with params, metrics beside
 the real-data floor, figures, software versions and git revision.
 """
@@ -12,25 +14,45 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 import common
 from ddpm_core import hardware
+from ddpm_core.animation import denoising_gif
 from ddpm_core.config import flatten
-from ddpm_core.data import load_mnist, to_model_range
+from ddpm_core.data import NUM_CLASSES, load_mnist, to_model_range
 from ddpm_core.files import write_atomic, write_text_atomic
-from ddpm_core.generation import load_samples
-from ddpm_core.report import render_report, software_versions
+from ddpm_core.generation import load_samples, load_unet
+from ddpm_core.report import render_report
+from ddpm_core.samplers import make_sampler
+from ddpm_core.schedule import make_schedule
+from ddpm_core.seeding import derived_seed, seed_everything
 from ddpm_core.viz import class_rows_grid, grid_figure, image_grid, loss_curves, per_class_bars
 
 REPORTS = Path("reports")
 FIGURES = REPORTS / "figures"
 MODELS = {"unconditional": "uncond", "conditional": "cond"}
+ANIMATION = "denoising.gif"
+ANIMATION_COLUMNS = 4  # per digit: 40 images at the configured steps take seconds
 
 
 def save_figure(fig, path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     write_atomic(path, lambda f: f.write(buffer.getvalue()))
+
+
+def denoising_animation(params, path: Path) -> None:
+    """The conditional model drawing ANIMATION_COLUMNS of each digit, one row per digit."""
+    sp = params.sample
+    seed_everything(params.seed)
+    device = hardware.pick_device()
+    autocast = hardware.autocast_factory(hardware.resolve_precision("auto", device), device)
+    model = load_unet(Path("models/cond.pt"), params.model, True, device)
+    sampler = make_sampler(sp.sampler, make_schedule(params.diffusion.schedule, params.diffusion.timesteps), sp.steps, sp.eta)
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(ANIMATION_COLUMNS)
+    generator = torch.Generator().manual_seed(derived_seed(params.seed, "plot/denoising"))
+    denoising_gif(path, model, sampler, labels, ANIMATION_COLUMNS, generator, sp.guidance, device, autocast)
 
 
 def run(params):
@@ -62,25 +84,22 @@ def run(params):
         }
         for _, (name, fig) in figures.items():
             save_figure(fig, FIGURES / name)
+        denoising_animation(params, FIGURES / ANIMATION)
+        images = {caption: name for caption, (name, _) in figures.items()}
+        images["Denoising: the conditional model from noise to digits (row = digit)"] = ANIMATION
         rows = [(c, metrics["cond_accuracy_per_class"][c], metrics["uncond_class_fractions"][c]) for c in metrics["cond_accuracy_per_class"]]
         write_text_atomic(REPORTS / "per_class.csv", pd.DataFrame(rows, columns=["class", "accuracy", "uncond_fraction"]).to_csv(index=False))
 
-        environment = {
-            **software_versions(),
-            "device": str(hardware.pick_device()),
-            "threads": str(hardware.configure_threads()),
-            "git revision": common.git_revision(),
-        }
+        environment = common.run_environment()
         report = render_report(
             flatten(params), metrics, evaluator["test_accuracy"], training,
-            {caption: f"figures/{name}" for caption, (name, _) in figures.items()}, environment,
+            {caption: f"figures/{name}" for caption, name in images.items()}, environment,
         )  # fmt: skip
         write_text_atomic(REPORTS / "report.md", report)
-        for _, (name, _) in figures.items():
+        for name in images.values():
             run.log_parent_artifact(FIGURES / name, "figures")
         run.log_parent_artifact(REPORTS / "report.md")
-        run.set_parent_tags({"git_revision": environment["git revision"]})
-    print(f"plot: {len(figures)} figures in {FIGURES}, report in {REPORTS / 'report.md'}")
+    print(f"plot: {len(images)} figures in {FIGURES}, report in {REPORTS / 'report.md'}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ its last completed epoch when started again with the same params.
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import common
@@ -23,7 +24,12 @@ def run(params, kind: str):
     data = load_mnist(Path("data"), train=True, subset=params.data.train_subset)
     resume_path = common.resume_dir() / f"{stage}-{run_fingerprint(params, conditional)}.pt"
     with common.stage_run(stage, params) as run:
-        result = train_diffusion(data, params, conditional, resume_path, tracker=run, name=stage)
+        try:
+            result = train_diffusion(data, params, conditional, resume_path, tracker=run, name=stage)
+        except KeyboardInterrupt:
+            if resume_path.exists():
+                print(f"{stage}: stopped; `dvc repro` resumes from the last completed epoch, saved in {resume_path}", file=sys.stderr)
+            raise
         weights = Path("models") / f"{kind}.pt"
         save_atomic(result.ema_state_dict, weights)
         rows = "".join(f"{epoch},{loss:.6f}\n" for epoch, loss in enumerate(result.losses, start=1))
@@ -36,7 +42,7 @@ def run(params, kind: str):
         write_text_atomic(Path("reports") / f"train_{kind}.json", json.dumps(summary, indent=2) + "\n")
         # Per-epoch "images_per_s" is a curve; the run's mean gets its own key.
         run.log_metrics({"final_loss": summary["final_loss"], "train_seconds": summary["train_seconds"], "mean_images_per_s": summary["images_per_s"]})
-        run.set_tags({"precision": result.precision, "device": result.device})
+        run.set_tags({"precision": result.precision, "device": result.device, "resumed_after_epoch": result.resumed_after_epoch})
         run.log_artifact(weights, "checkpoint")
     resume_path.unlink(missing_ok=True)
 

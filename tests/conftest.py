@@ -1,6 +1,8 @@
 import os
 import shutil
+import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,3 +74,55 @@ def clone_project(clone: Path) -> Path:
 def project_clone(tmp_path) -> Path:
     """A fresh copy of the project in a git repository of its own (see clone_project)."""
     return clone_project(tmp_path / "project")
+
+
+def commit_all(project: Path, message: str) -> None:
+    subprocess.run(["git", "add", "-A"], cwd=project, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], cwd=project, check=True)
+
+
+def clean_env() -> dict[str, str]:
+    """The environment of a user's shell: no MLflow or DVC variables of ours leaking in,
+    the MNIST mirror set, and this interpreter's bin first on PATH (dvc, mlflow)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["DDPM_DATA_MIRROR"] = str(MIRROR)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m <cmd>` (e.g. ["dvc", "repro"]) in `cwd`; fails the test with its output."""
+    proc = subprocess.run([sys.executable, "-m", *cmd], cwd=cwd, env=clean_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+# The params of the shared tiny pipeline: two epochs, so curves and per-epoch grids have two points.
+TINY_PIPELINE = {"epochs": 2, "data": {"train_subset": 192}}
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory) -> Path:
+    """A project copy after one tiny `dvc repro` (about 90 s), made once per session.
+    Read it, don't change it: tests that run more use `tiny_pipeline_copy`."""
+    if not MIRROR.is_dir():
+        pytest.skip(f"no MNIST mirror at {MIRROR}; set DDPM_DATA_MIRROR")
+    project = clone_project(tmp_path_factory.mktemp("tiny") / "project")
+    (project / "params.yaml").write_text(yaml.safe_dump(tiny_raw(**TINY_PIPELINE), sort_keys=False))
+    commit_all(project, "tiny params")
+    run(["dvc", "repro"], project)
+    return project
+
+
+@pytest.fixture
+def tiny_pipeline_copy(tiny_pipeline, tmp_path) -> Path:
+    """A private copy of `tiny_pipeline`: git, DVC cache, outputs and MLflow store. The
+    store's artifact locations are absolute paths, so they are moved to the copy."""
+    copy = tmp_path / "project"
+    shutil.copytree(tiny_pipeline, copy, symlinks=True)
+    old, new = str(tiny_pipeline), str(copy)
+    with sqlite3.connect(copy / "mlflow.db") as db:
+        db.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (old, new))
+        db.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (old, new))
+    return copy

@@ -3,6 +3,7 @@ half-written output behind."""
 
 import os
 import pickle
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -14,13 +15,13 @@ import pytest
 import torch
 import yaml
 
-from conftest import MIRROR, tiny_raw
+from conftest import MIRROR, clean_env, tiny_raw
 from ddpm_core import tracking
 from ddpm_core import train as train_module
 from ddpm_core.config import parse_params
 from ddpm_core.data import fetch_mnist, load_mnist
 from ddpm_core.errors import CheckpointError, DataError, TrackingError, TrainingError
-from ddpm_core.files import load_safe, save_atomic
+from ddpm_core.files import load_safe, save_atomic, write_text_atomic
 from ddpm_core.train import train_diffusion
 
 
@@ -76,6 +77,16 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
         save_atomic({"w": Unsaveable()}, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
+    (tmp_path / "plain").write_bytes(b"x")
+    write_text_atomic(tmp_path / "atomic", "x")
+
+    def mode(name):
+        return (tmp_path / name).stat().st_mode & 0o777
+
+    assert mode("atomic") == mode("plain")  # not mkstemp's 0600
 
 
 def test_disk_full_is_an_error_naming_the_file_and_leaves_nothing(tmp_path):
@@ -256,7 +267,7 @@ def test_unwritable_models_folder_stops_a_stage_naming_the_file(tmp_path, monkey
 @pytest.mark.parametrize("key", ["epoch", "sample.setps"])
 def test_dvc_exp_run_refuses_a_mistyped_key(project_clone, key):
     before = (project_clone / "params.yaml").read_bytes()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env = clean_env()
     done = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-S", f"{key}=3"], cwd=project_clone, env=env, capture_output=True, text=True)
     assert done.returncode != 0
     assert f"ERROR: Invalid `--set-param` value: Could not override '{key}'." in done.stderr
@@ -266,7 +277,7 @@ def test_dvc_exp_run_refuses_a_mistyped_key(project_clone, key):
 
 def test_dvc_exp_run_with_a_new_mistyped_key_reaches_the_schema(project_clone):
     # `-S +epoch=3` adds a key DVC doesn't know; only the check_params stage reads the whole file.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env = clean_env()
     done = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-S", "+epoch=3", "check_params"], cwd=project_clone, env=env, capture_output=True, text=True)
     assert done.returncode != 0
     assert "error: params.yaml: unknown key 'epoch' (did you mean 'epochs'?)" in done.stderr
@@ -282,7 +293,8 @@ def test_mlflow_ui_instructions_bind_to_localhost():
         assert "--host 127.0.0.1" in command, f"{command!r} would listen beyond this machine"
 
 
-def test_ctrl_c_in_a_stage_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_in_a_stage_is_one_line_and_exit_128_plus_signal(signum, tmp_path, monkeypatch, capsys):
     from conftest import ROOT
 
     monkeypatch.syspath_prepend(str(ROOT / "stages"))
@@ -292,9 +304,15 @@ def test_ctrl_c_in_a_stage_is_one_line_and_exit_130(tmp_path, monkeypatch, capsy
     monkeypatch.chdir(tmp_path)
 
     def interrupted(params):
-        raise KeyboardInterrupt
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # the signal arrives long before this ends
+        raise AssertionError("the signal did not interrupt the stage")
 
-    with pytest.raises(SystemExit) as exit_info:
-        common.main(interrupted)
-    assert exit_info.value.code == 130
-    assert capsys.readouterr().err.strip() == "interrupted"
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            common.main(interrupted)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert exit_info.value.code == 128 + signum
+    assert capsys.readouterr().err.strip() == f"interrupted ({signal.Signals(signum).name})"

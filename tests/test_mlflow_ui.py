@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 import requests
-import yaml
 from mlflow.tracking import MlflowClient
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -34,7 +33,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
-from conftest import MIRROR, ROOT, clone_project, tiny_raw
+from conftest import MIRROR, ROOT, TINY_PIPELINE, clean_env, tiny_raw
 from ddpm_core.tracking import EXPERIMENT, ROLE_TAG
 
 CHROMIUM = Path(os.environ.get("DDPM_CHROMIUM", "/usr/bin/chromium"))
@@ -55,25 +54,14 @@ EPOCHS = 2
 WAIT = 60  # seconds; a loaded 2-core machine renders the UI slowly
 
 
-def clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env["DDPM_DATA_MIRROR"] = str(MIRROR)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    return env
-
-
 # --- fixtures: pipeline, server, browser -------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """A project copy after a tiny `dvc repro` (two epochs: two sample grids per model)."""
-    clone = clone_project(tmp_path_factory.mktemp("ui") / "project")
-    params = tiny_raw(epochs=EPOCHS, data={"train_subset": 192})
-    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=clone, env=clean_env(), capture_output=True, text=True)
-    assert proc.returncode == 0, f"dvc repro failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return clone
+def project(tiny_pipeline) -> Path:
+    """The shared tiny pipeline (two epochs: two sample grids per model); only read here."""
+    assert tiny_raw(**TINY_PIPELINE)["epochs"] == EPOCHS
+    return tiny_pipeline
 
 
 @pytest.fixture(scope="module")

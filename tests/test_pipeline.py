@@ -1,20 +1,16 @@
-"""End to end: the real `dvc repro` and `dvc exp run` in a fresh repository, with tiny
-params, checked from the MLflow store itself."""
+"""End to end: the real `dvc repro` in a fresh repository, with tiny params, checked from
+its outputs and from the MLflow store itself. Experiments (`dvc exp run`, queued and
+temporary) are in test_reproducibility.py."""
 
 import csv
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import MIRROR, tiny_raw
+from conftest import MIRROR, TINY_PIPELINE, run, tiny_raw
 from ddpm_core.tracking import EXPERIMENT
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not MIRROR.is_dir(), reason=f"no MNIST mirror at {MIRROR}")]
@@ -24,15 +20,6 @@ METRICS = {
     "num_samples", "fid_floor", "fid_uncond", "fid_cond", "fid_uncond_over_floor", "fid_cond_over_floor",
     "cond_accuracy", "cond_accuracy_per_class", "uncond_class_fractions", "uncond_max_class_deviation",
 }  # fmt: skip
-
-
-def run(cmd, cwd):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env["DDPM_DATA_MIRROR"] = str(MIRROR)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    proc = subprocess.run([sys.executable, "-m", *cmd], cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
 
 
 def parent_runs(client):
@@ -45,12 +32,9 @@ def children(client, parent):
     return client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
 
 
-def test_repro_and_experiments_land_as_parent_runs(project_clone):
-    params = tiny_raw(epochs=2, data={"train_subset": 192})
-    (project_clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "tiny params"], cwd=project_clone, check=True)
-
-    run(["dvc", "repro"], project_clone)
+def test_repro_lands_outputs_metrics_and_one_parent_run(tiny_pipeline, tmp_path):
+    project_clone = tiny_pipeline  # after `dvc repro` with these params:
+    params = tiny_raw(**TINY_PIPELINE)
 
     # Outputs: the EMA weights load as a plain state_dict; one loss row per epoch.
     for kind in ("uncond", "cond"):
@@ -76,7 +60,7 @@ def test_repro_and_experiments_land_as_parent_runs(project_clone):
         steps = sorted({p.split("+step+")[1].split("+")[0] for p in images if p.endswith(".png")})
         assert steps == ["1", "2"]
         (artifact,) = client.list_artifacts(child.info.run_id, "checkpoint")
-        local = client.download_artifacts(child.info.run_id, artifact.path, str(project_clone / "dl"))
+        local = client.download_artifacts(child.info.run_id, artifact.path, str(tmp_path))
         assert torch.load(local, weights_only=True).keys() == torch.load(project_clone / "models" / f"{stage[6:]}.pt", weights_only=True).keys()
     # Stage runs log exactly the params their dvc.yaml entry lists.
     assert "train_cond.p_uncond" in stage_runs["train_cond"].data.params
@@ -102,22 +86,3 @@ def test_repro_and_experiments_land_as_parent_runs(project_clone):
     assert {"figures/loss.png", "figures/samples.png", "figures/per_class_accuracy.png"} <= figures
     report = (project_clone / "reports" / "report.md").read_text()
     assert f"{metrics['fid_floor']:.3f}" in report and "torch" in report
-
-    run(["dvc", "exp", "run", "-n", "three-epochs", "-S", "epochs=3"], project_clone)
-    first, second = parent_runs(client)
-    assert first.info.run_id == parent.info.run_id
-    assert second.info.run_name == "three-epochs" and second.data.params["epochs"] == "3"
-    # fetch_data and train_evaluator are cached: they do not depend on epochs.
-    stage_runs = {r.info.run_name: r for r in children(client, second)}
-    assert sorted(stage_runs) == ["evaluate", "plot", "sample", "train_cond", "train_uncond"]
-    for stage in ("train_uncond", "train_cond"):
-        assert [m.step for m in client.get_metric_history(stage_runs[stage].info.run_id, "loss")] == [1, 2, 3]
-    assert "fid_cond" in second.data.metrics or "fid_cond" in client.get_run(second.info.run_id).data.metrics
-
-    # Changing the guidance reruns nothing before sampling.
-    run(["dvc", "exp", "run", "-n", "no-guidance", "-S", "sample.guidance=1.0"], project_clone)
-    third = parent_runs(client)[2]
-    assert third.info.run_name == "no-guidance"
-    assert sorted(r.info.run_name for r in children(client, third)) == ["evaluate", "plot", "sample"]
-    shown = run(["dvc", "exp", "show", "--no-pager", "--csv"], project_clone).stdout
-    assert "three-epochs" in shown and "no-guidance" in shown

@@ -1,0 +1,5 @@
+"""`python -m ddpm_core generate …`: the same as the `ddpm` command."""
+
+from ddpm_core.cli import main
+
+main()

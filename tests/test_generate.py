@@ -1,0 +1,148 @@
+"""`ddpm generate` and the denoising animation. Untrained weights are enough here: what
+is checked is determinism, shapes and frame counts, not how the digits look."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from torch import nn
+
+from conftest import clean_env, tiny_raw
+from ddpm_core.animation import FRAME_MS, LAST_FRAME_MS, FrameRecorder, gif_size
+from ddpm_core.cli import main
+from ddpm_core.config import parse_params
+from ddpm_core.samplers import DPMSolverPPSampler, sample
+from ddpm_core.schedule import make_schedule
+from ddpm_core.unet import build_unet
+
+STEPS = 5  # tiny_raw's sample.steps
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A folder with tiny params.yaml and random weights in models/, as the working directory."""
+    raw = tiny_raw()
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    params = parse_params(raw)
+    (tmp_path / "models").mkdir()
+    for kind, classes in (("cond", 10), ("uncond", None)):
+        torch.manual_seed(0)
+        torch.save(build_unet(params.model, classes).state_dict(), tmp_path / "models" / f"{kind}.pt")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def generate(*args: str) -> None:
+    main(["generate", *args])
+
+
+def grid_size(rows: int, columns: int) -> tuple[int, int]:
+    """(width, height) of a grid of 28-px images with 2-px padding."""
+    return columns * 30 + 2, rows * 30 + 2
+
+
+def test_same_seed_same_png_other_seed_other_png(project, capsys):
+    for name, seed in (("a.png", "0"), ("b.png", "0"), ("c.png", "1")):
+        generate("--prompt", "Three, 1", "--n", "2", "--seed", seed, "--out", name)
+    a, b, c = ((project / n).read_bytes() for n in ("a.png", "b.png", "c.png"))
+    assert a == b
+    assert a != c
+    with Image.open(project / "a.png") as image:
+        assert image.size == grid_size(rows=2, columns=2)
+    assert "wrote a.png: 4 images (digits 3 1, guidance 3; dpmpp2m, 5 steps, seed 0; models/cond.pt)" in capsys.readouterr().out
+
+
+def test_animate_writes_steps_plus_one_frames_and_the_same_png(project):
+    generate("--prompt", "3 1", "--n", "3", "--out", "plain.png")
+    generate("--prompt", "3 1", "--n", "3", "--out", "animated.png", "--animate", "steps.gif")
+    assert (project / "plain.png").read_bytes() == (project / "animated.png").read_bytes()
+    with Image.open(project / "steps.gif") as gif:
+        assert gif.n_frames == STEPS + 1
+        assert gif.size == gif_size((grid_size(2, 3)[1], grid_size(2, 3)[0]))
+        assert gif.info["loop"] == 0
+        durations = []
+        for k in range(gif.n_frames):
+            gif.seek(k)
+            durations.append(gif.info["duration"])
+    assert durations == [FRAME_MS] * STEPS + [LAST_FRAME_MS]
+
+
+def test_unconditional_grid_is_ten_wide(project):
+    generate("--unconditional", "--n", "12", "--sampler", "ddim", "--steps", "2", "--out", "u.png")
+    with Image.open(project / "u.png") as image:
+        assert image.size == grid_size(rows=2, columns=10)
+
+
+def test_recording_sees_every_step_and_changes_nothing():
+    schedule = make_schedule("linear", 100)
+    torch.manual_seed(0)
+    net = nn.Conv2d(1, 1, 3, padding=1)
+    model = lambda x, t, labels: torch.tanh(net(x))  # noqa: E731
+    shape = (3, 1, 28, 28)
+    plain = sample(model, DPMSolverPPSampler(schedule, 7), shape, torch.Generator().manual_seed(0))
+    recorder = FrameRecorder(steps=7, nrow=3, show="x0")
+    watched = sample(model, DPMSolverPPSampler(schedule, 7), shape, torch.Generator().manual_seed(0), on_step=recorder)
+    assert torch.equal(plain, watched)
+    assert len(recorder.frames) == 8 and recorder.frames[0].shape == (32, 92)
+    # DDPM's T steps are thinned, first and last kept.
+    thinned = FrameRecorder(steps=1000, nrow=1)
+    assert len(thinned.keep) == 101 and {0, 1000} <= thinned.keep
+
+
+def run_cli(cwd, *args):
+    return subprocess.run([sys.executable, "-m", "ddpm_core", "generate", *args], cwd=cwd, env=clean_env(), capture_output=True, text=True)
+
+
+def test_unknown_prompt_is_one_line_listing_the_words(tmp_path):
+    proc = run_cli(tmp_path, "--prompt", "3 eleven")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: unknown class 'eleven'; accepted: 0-9 or zero, one, two, three, four, five, six, seven, eight, nine"
+    ]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--prompt", "7"], "error: models/cond.pt: not found; train it with `dvc repro train_cond`, or load one from MLflow with --run-id"),
+        (["--unconditional"], "error: models/uncond.pt: not found; train it with `dvc repro train_uncond`, or load one from MLflow with --run-id"),
+        (["--unconditional", "--prompt", "7"], "error: --unconditional draws any digit; leave out --prompt"),
+    ],
+)
+def test_user_errors_are_one_line(project, capsys, args, message):
+    for model in (project / "models").iterdir():
+        model.unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        generate(*args)
+    assert exit_info.value.code != 0
+    assert capsys.readouterr().err.strip().splitlines() == [message]
+
+
+@pytest.mark.slow
+def test_run_id_loads_the_logged_checkpoint_and_plot_made_the_gif(tiny_pipeline_copy, tmp_path):
+    """Through MLflow: the parent run and its train_cond run give the image of models/cond.pt."""
+    from mlflow.tracking import MlflowClient
+
+    project = tiny_pipeline_copy
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("ddpm-mnist").experiment_id])
+    parent = next(r.info.run_id for r in runs if r.data.tags.get("ddpm.role") == "pipeline")
+    train_cond = next(r.info.run_id for r in runs if r.data.tags.get("ddpm.stage") == "train_cond")
+    outputs = {}
+    for name, extra in (("local", []), ("parent", ["--run-id", parent]), ("child", ["--run-id", train_cond])):
+        out = tmp_path / f"{name}.png"
+        proc = run_cli(project, "--prompt", "0 1 2", "--n", "4", "--out", str(out), *extra)
+        assert proc.returncode == 0, proc.stderr
+        outputs[name] = out.read_bytes()
+    assert outputs["local"] == outputs["parent"] == outputs["child"]
+
+    proc = run_cli(project, "--prompt", "4", "--run-id", "0" * 32)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [f"error: MLflow run {'0' * 32}: not found in sqlite:///{project}/mlflow.db"]
+
+    with Image.open(project / "reports" / "figures" / "denoising.gif") as gif:
+        assert gif.n_frames == STEPS + 1
+        assert gif.size == gif_size((grid_size(10, 4)[1], grid_size(10, 4)[0]))
+    assert "figures/denoising.gif" in {a.path for a in client.list_artifacts(parent, "figures")}
