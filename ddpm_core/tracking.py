@@ -20,6 +20,7 @@ import mlflow
 import numpy as np
 import psutil
 import requests
+from filelock import FileLock
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
@@ -84,12 +85,22 @@ def _connect(root: Path) -> tuple[_PatientClient, str]:
                 f"MLflow server {uri} (MLFLOW_TRACKING_URI) is unreachable: {type(exc).__name__}; "
                 "start it, or unset MLFLOW_TRACKING_URI to use the project's own store"
             ) from None
-    client = _PatientClient(uri)
     try:
-        return client, _experiment_id(client, root)
+        with _store_creation_lock(uri):
+            client = _PatientClient(uri)
+            return client, _experiment_id(client, root)
     except Exception as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TrackingError(f"MLflow store {uri}: {first_line}") from None
+
+
+def _store_creation_lock(uri: str) -> contextlib.AbstractContextManager:
+    """A lock beside a SQLite store, held while it is first opened: MLflow creates and
+    migrates its tables then, and two processes doing it at once (two queued experiments
+    starting together) fail with "duplicate column name". Other stores need none."""
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    return FileLock(uri.removeprefix("sqlite:///") + ".lock", timeout=600)
 
 
 def _experiment_id(client: _PatientClient, root: Path) -> str:

@@ -5,7 +5,7 @@ Checks that the experiment's runs table shows the pipeline's parent run with its
 runs nested under it, and that a training run's *Model metrics* tab draws the loss curve
 and shows the sample grid logged at each epoch (the step slider moves between them).
 
-Screenshots go to the temporary project's reports/; set DDPM_SCREENSHOT_DIR (e.g. to
+Screenshots go to a temporary folder; set DDPM_SCREENSHOT_DIR (e.g. to
 `reports`) to keep a copy: that is how reports/mlflow_ui.png of the README is made.
 Needs Debian's `chromium` and `chromium-driver` (.ci/run installs them).
 """
@@ -153,9 +153,14 @@ def browser(tmp_path_factory) -> WebDriver:
         driver.quit()
 
 
-def screenshot(driver: WebDriver, project: Path, name: str) -> Path:
-    path = project / "reports" / name
-    path.parent.mkdir(parents=True, exist_ok=True)
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    """Where screenshots go (the shared pipeline copy is only read)."""
+    return tmp_path_factory.mktemp("screenshots")
+
+
+def screenshot(driver: WebDriver, folder: Path, name: str) -> Path:
+    path = folder / name
     assert driver.save_screenshot(str(path)), f"could not save {path}"
     if os.environ.get("DDPM_SCREENSHOT_DIR"):
         keep = Path(os.environ["DDPM_SCREENSHOT_DIR"])
@@ -234,7 +239,7 @@ def loaded_image(driver: WebDriver, card: WebElement, step: int) -> WebElement |
 # --- the tests ----------------------------------------------------------------------
 
 
-def test_runs_table_shows_the_parent_run_and_its_stage_runs(browser, server, runs, project):
+def test_runs_table_shows_the_parent_run_and_its_stage_runs(browser, server, runs, shots):
     assert sorted(runs["children"]) == sorted(STAGES)
     parent_name = runs["parent"].info.run_name
     # `#/experiments/<id>` opens the GenAI overview; the runs table is under /runs, and
@@ -254,11 +259,11 @@ def test_runs_table_shows_the_parent_run_and_its_stage_runs(browser, server, run
     wait(browser, lambda d: set(STAGES) <= visible_lines(d), f"stage runs {STAGES} under the parent")
     lines = visible_lines(browser)
     assert f"{1 + len(STAGES)} matching runs" in lines
-    screenshot(browser, project, "mlflow_ui_runs.png")
+    screenshot(browser, shots, "mlflow_ui_runs.png")
 
 
 @pytest.mark.parametrize("stage", ["train_uncond", "train_cond"])
-def test_model_metrics_show_the_loss_curve_and_a_sample_grid_per_epoch(browser, server, runs, project, stage):
+def test_model_metrics_show_the_loss_curve_and_a_sample_grid_per_epoch(browser, server, runs, shots, stage):
     run_id = runs["children"][stage]
     browser.get(f"{server}#/experiments/{runs['experiment_id']}/runs/{run_id}/model-metrics?workflowType=machine_learning")
     wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "[data-testid='experiment-view-compare-runs-card']"), "chart cards")
@@ -284,4 +289,4 @@ def test_model_metrics_show_the_loss_curve_and_a_sample_grid_per_epoch(browser, 
         assert run_id in sources[step]
     assert len(set(sources.values())) == EPOCHS, "each epoch shows its own grid"
     if stage == "train_cond":  # one grid row per digit: the README's picture
-        screenshot(browser, project, "mlflow_ui.png")
+        screenshot(browser, shots, "mlflow_ui.png")

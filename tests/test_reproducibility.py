@@ -127,7 +127,7 @@ def test_two_queued_experiments_at_once_both_land_in_one_new_store(tiny_pipeline
     finally:
         subprocess.run([sys.executable, "-m", "dvc", "queue", "stop"], cwd=project, env=clean_env(), capture_output=True)
     for name, (override, stages) in experiments.items():
-        assert re.search(rf"{name}\s.*Success", status), status
+        assert re.search(rf"{name}\s.*Success", status), status + run(["dvc", "queue", "logs", name], project).stdout[-4000:]
         assert_landed(project, name, stages)
         key, value = override.split("=")
         assert float(parent_runs(project)[name].data.params[key]) == float(value)
