@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from ddpm_core import hardware  # noqa: E402
 from ddpm_core.config import parse_params  # noqa: E402
-from ddpm_core.data import NUM_CLASSES, load_mnist  # noqa: E402
+from ddpm_core.data import NUM_CLASSES, load_images  # noqa: E402
 from ddpm_core.evaluation import Classifier, FeatureFID, accuracy, predict  # noqa: E402
 from ddpm_core.files import load_safe, save_atomic  # noqa: E402
 from ddpm_core.generation import balanced_labels, generate  # noqa: E402
@@ -64,14 +64,14 @@ def main() -> None:
     setting = " ".join(override(raw, a) for a in args.overrides) or "defaults"
     params = parse_params(raw)
     device = hardware.pick_device()
-    data_dir = ROOT / "data"
-    train = load_mnist(data_dir, train=True, subset=params.data.train_subset)
+    data_dir, dataset = ROOT / "data" / "dataset", params.data.dataset
+    train = load_images(data_dir, dataset, train=True, subset=params.data.train_subset)
     classifier = Classifier()
     classifier.load_state_dict(load_safe(ROOT / "models/evaluator.pt"))
     classifier.eval()
-    fid = FeatureFID(classifier, load_mnist(data_dir, train=False).images)
+    fid = FeatureFID(classifier, load_images(data_dir, dataset, train=False).images)
     n = params.evaluate.num_samples
-    floor = fid.score(load_mnist(data_dir, train=True, subset=n).images)
+    floor = fid.score(load_images(data_dir, dataset, train=True, subset=n).images)
     schedule = make_schedule(params.diffusion.schedule, params.diffusion.timesteps)
     autocast = hardware.autocast_factory(hardware.resolve_precision("auto", device), device)
 

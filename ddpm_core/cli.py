@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import signal
-import sys
 import tempfile
 from pathlib import Path
 
@@ -17,10 +15,11 @@ from tqdm import tqdm
 from ddpm_core import hardware
 from ddpm_core.animation import FrameRecorder, save_gif
 from ddpm_core.config import DiffusionParams, ModelParams, load_params
-from ddpm_core.errors import CheckpointError, ConfigError, DDPMError, TrackingError
+from ddpm_core.errors import CheckpointError, ConfigError, DDPMError, TrackingError, exit_on_error
 from ddpm_core.files import write_atomic
 from ddpm_core.generation import load_unet
-from ddpm_core.prompts import CLASS_NAMES, accepted, parse_prompt
+from ddpm_core.data import DATASETS
+from ddpm_core.prompts import CLASS_NAMES, accepted, parse_dataset_prompt
 from ddpm_core.samplers import SAMPLERS, make_sampler, sample
 from ddpm_core.schedule import make_schedule
 from ddpm_core.seeding import seed_everything
@@ -35,13 +34,18 @@ examples:
   ddpm generate --prompt 7                            # eight sevens in generated.png
   ddpm generate --prompt "three one four" --n 4 --out pi.png
   ddpm generate --prompt "0 1 2 3 4 5 6 7 8 9" --animate denoising.gif
+  ddpm generate --prompt "sneaker, bag, ankle boot"   # with data.dataset: fashion-mnist
   ddpm generate --unconditional --n 100 --seed 1
   ddpm generate --prompt 2 --run-id <MLflow run id>   # a train_cond run or a pipeline run
 
-Run it in the project folder: models/ and params.yaml (architecture, noise schedule,
-sampler defaults) are read from there, and --run-id looks in its MLflow store
-(MLFLOW_TRACKING_URI overrides). The same arguments and seed give the same image.
+Run it in the project folder: models/ and params.yaml (dataset, architecture, noise
+schedule, sampler defaults) are read from there, and --run-id looks in its MLflow store
+(MLFLOW_TRACKING_URI overrides) and takes the dataset that run was trained on. The same
+arguments and seed give the same image.
 """
+
+
+PROMPT_EXAMPLE = {"mnist": '"3 1 4"', "fashion-mnist": '"sneaker, Ankle boot"'}
 
 
 class UsageError(DDPMError):
@@ -62,28 +66,46 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _local_dataset() -> str:
+    """data.dataset of ./params.yaml, or mnist when there is none."""
+    return load_params("params.yaml").data.dataset if Path("params.yaml").exists() else "mnist"
+
+
+def _dataset_for_messages() -> str:
+    try:
+        return _local_dataset()
+    except DDPMError:  # a broken params.yaml must not break --help or a usage message
+        return "mnist"
+
+
+def _prompt_help() -> str:
+    dataset = _dataset_for_messages()
+    return (f"the classes to draw, separated by spaces or commas, each as {accepted(CLASS_NAMES[dataset])} "
+            f"(any case; the classes of {DATASETS[dataset].title}, data.dataset of params.yaml here; with --run-id, "
+            f"of the dataset that run trained on), e.g. {PROMPT_EXAMPLE[dataset]}")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ddpm", description="Diffusion models on MNIST: draw digits from a trained model.")
+    parser = argparse.ArgumentParser(prog="ddpm", description="Diffusion models on MNIST or Fashion-MNIST: draw images from a trained model.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     gen = commands.add_parser(
         "generate",
-        help="draw digits into a PNG grid (and a denoising GIF)",
-        description="Draw digits from the trained conditional model (or the unconditional one) into a PNG\n"
-        "grid, one row per digit of the prompt.",
+        help="draw digits (or Fashion-MNIST's clothes) into a PNG grid (and a denoising GIF)",
+        description="Draw images from the trained conditional model (or the unconditional one) into a PNG\n"
+        "grid, one row per class of the prompt: digits, or clothes with data.dataset: fashion-mnist.",
         epilog=GENERATE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    gen.add_argument("--prompt", help=f'the digits to draw, separated by spaces or commas, each as {accepted(CLASS_NAMES["mnist"])} '
-                     '(any case): "7", "Seven", "3 1 4"')  # fmt: skip
-    gen.add_argument("--unconditional", action="store_true", help="use the unconditional model instead: any digits, no --prompt")
-    gen.add_argument("--n", type=_positive_int, default=8, help="images per digit of the prompt; with --unconditional, images in all (default 8)")
+    gen.add_argument("--prompt", help=_prompt_help())
+    gen.add_argument("--unconditional", action="store_true", help="use the unconditional model instead: any classes, no --prompt")
+    gen.add_argument("--n", type=_positive_int, default=8, help="images per class of the prompt; with --unconditional, images in all (default 8)")
     gen.add_argument("--guidance", type=_non_negative_float, help="classifier-free guidance weight: 1 = plain conditional, "
-                     "higher = more typical digits (default: sample.guidance of params.yaml)")  # fmt: skip
+                     "higher = more typical images (default: sample.guidance of params.yaml)")  # fmt: skip
     gen.add_argument("--sampler", choices=SAMPLERS, help="sampling method (default: sample.sampler of params.yaml)")
     gen.add_argument("--steps", type=_positive_int, help="sampling steps; ddpm always takes all T (default: sample.steps of params.yaml)")
     gen.add_argument("--seed", type=int, default=0, help="all noise derives from it (default 0)")
     gen.add_argument("--out", type=Path, default=Path("generated.png"), help="the PNG to write (default generated.png)")
-    gen.add_argument("--animate", type=Path, metavar="GIF", help="also write the sampling, from noise to digits, as an animated GIF")
+    gen.add_argument("--animate", type=Path, metavar="GIF", help="also write the sampling, from noise to images, as an animated GIF")
     gen.add_argument("--frames", choices=("xt", "x0"), default="xt",
                      help="what the GIF shows at each step: the noisy image x_t (default) or the model's prediction of the clean image")  # fmt: skip
     gen.add_argument("--run-id", help="load the weights logged by this MLflow run (a train_cond or train_uncond run, "
@@ -104,8 +126,8 @@ def _section(flat: dict[str, str], name: str) -> dict:
     return {k.removeprefix(prefix): yaml.safe_load(v) for k, v in flat.items() if k.startswith(prefix)}
 
 
-def _load_model(run_id: str | None, kind: str, device: torch.device) -> tuple[torch.nn.Module, DiffusionParams, str]:
-    """The model, its noise schedule's params, and where it came from."""
+def _load_model(run_id: str | None, kind: str, device: torch.device) -> tuple[torch.nn.Module, DiffusionParams, str, str]:
+    """The model, its noise schedule's params, where it came from, and its dataset."""
     conditional = kind == "cond"
     if run_id is None:
         path = Path("models") / f"{kind}.pt"
@@ -114,7 +136,7 @@ def _load_model(run_id: str | None, kind: str, device: torch.device) -> tuple[to
         if not Path("params.yaml").exists():
             raise ConfigError("params.yaml: not found; the models/ weights need the params they were trained with: run in the project folder")
         params = load_params("params.yaml")
-        return load_unet(path, params.model, conditional, device), params.diffusion, str(path)
+        return load_unet(path, params.model, conditional, device), params.diffusion, str(path), params.data.dataset
     from ddpm_core import tracking  # imports mlflow: only when asked for
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,15 +146,24 @@ def _load_model(run_id: str | None, kind: str, device: torch.device) -> tuple[to
             diffusion = DiffusionParams.model_validate(_section(logged, "diffusion"))
         except ValidationError as exc:
             raise TrackingError(f"MLflow run {run_id}: its logged model/diffusion params are unusable ({exc.errors()[0]['msg']})") from None
-        return load_unet(path, model_params, conditional, device), diffusion, f"MLflow run {run_id}"
+        dataset = logged.get("data.dataset", "mnist")  # runs from before Fashion-MNIST did not log it
+        if dataset not in DATASETS:
+            raise TrackingError(f"MLflow run {run_id}: logged data.dataset {dataset!r} is not one of {', '.join(DATASETS)}")
+        return load_unet(path, model_params, conditional, device), diffusion, f"MLflow run {run_id}", dataset
+
+
+def _classes(args: argparse.Namespace, dataset: str) -> list[int]:
+    return [] if args.unconditional else parse_dataset_prompt(args.prompt, dataset)
 
 
 def generate(args: argparse.Namespace) -> None:
     if args.unconditional and args.prompt:
-        raise UsageError("--unconditional draws any digit; leave out --prompt")
+        raise UsageError("--unconditional draws any class; leave out --prompt")
     if not args.unconditional and args.prompt is None:
-        raise UsageError(f'say which digits: --prompt "3 1 4" ({accepted(CLASS_NAMES["mnist"])}), or --unconditional')
-    classes = [] if args.unconditional else parse_prompt(args.prompt)
+        dataset = _dataset_for_messages()
+        raise UsageError(f"say which classes: --prompt {PROMPT_EXAMPLE[dataset]} ({accepted(CLASS_NAMES[dataset])}), or --unconditional")
+    # Without --run-id the dataset is params.yaml's: refuse a bad prompt before loading anything.
+    classes = None if args.run_id else _classes(args, _local_dataset())
     defaults = _sample_defaults()
     sampler_name = args.sampler or defaults["sampler"]
     steps = args.steps or defaults["steps"]
@@ -141,7 +172,9 @@ def generate(args: argparse.Namespace) -> None:
     hardware.configure_threads()
     device = hardware.pick_device()
     kind = "uncond" if args.unconditional else "cond"
-    model, diffusion, source = _load_model(args.run_id, kind, device)
+    model, diffusion, source, dataset = _load_model(args.run_id, kind, device)
+    if classes is None:
+        classes = _classes(args, dataset)
     if sampler_name != "ddpm" and steps > diffusion.timesteps:
         raise UsageError(f"--steps {steps}: the model has {diffusion.timesteps} diffusion timesteps, steps can't exceed that")
     sampler = make_sampler(sampler_name, make_schedule(diffusion.schedule, diffusion.timesteps), steps, defaults["eta"])
@@ -165,7 +198,11 @@ def generate(args: argparse.Namespace) -> None:
 
     grid = image_grid(images, nrow)
     write_atomic(args.out, lambda f: Image.fromarray(grid).save(f, format="PNG"))
-    what = f"digits {' '.join(map(str, classes))}, guidance {guidance:g}" if classes else "unconditional"
+    if dataset == "mnist":
+        what = f"digits {' '.join(map(str, classes))}"
+    else:
+        what = f"classes {', '.join(CLASS_NAMES[dataset][c] for c in classes)}"
+    what = f"{what}, guidance {guidance:g}" if classes else "unconditional"
     print(f"wrote {args.out}: {count} images ({what}; {sampler_name}, {len(sampler.timesteps)} steps, seed {args.seed}; {source})")
     if recorder is not None:
         save_gif(args.animate, recorder.frames)
@@ -174,14 +211,4 @@ def generate(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except DDPMError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    except OSError as exc:
-        print(f"error: {exc.filename}: {exc.strerror}" if exc.filename else f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
+    exit_on_error(lambda: args.func(args))

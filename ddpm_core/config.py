@@ -21,7 +21,7 @@ class _Section(BaseModel):
 
 
 class DataParams(_Section):
-    dataset: Literal["mnist"]
+    dataset: Literal["mnist", "fashion-mnist"]
     train_subset: int | None = Field(ge=1, le=60_000)
 
 
@@ -72,6 +72,15 @@ class SampleParams(_Section):
 
 class EvaluateParams(_Section):
     num_samples: int = Field(ge=10, le=60_000)
+    # Conditional accuracy and FID at each guidance weight, on sweep_samples images each.
+    guidance_sweep: list[Annotated[float, Field(ge=0.0)]]
+    sweep_samples: int = Field(ge=10, le=60_000)
+
+    @model_validator(mode="after")
+    def _distinct_weights(self) -> EvaluateParams:
+        if len(set(self.guidance_sweep)) != len(self.guidance_sweep):
+            raise ValueError(f"guidance_sweep lists a weight twice: {self.guidance_sweep}")
+        return self
 
 
 class EvaluatorParams(_Section):

@@ -1,4 +1,11 @@
-"""Errors a user can act on. Stages print them as one line each and exit non-zero."""
+"""Errors a user can act on, and how a command reports them: one line each on stderr,
+and a non-zero exit status."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Callable
 
 
 class DDPMError(Exception):
@@ -27,3 +34,27 @@ class TrackingError(DDPMError):
 
 class CheckpointError(DDPMError):
     """A checkpoint is missing, truncated, or not a plain tensor file."""
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def exit_on_error(body: Callable[[], None]) -> None:
+    """Run a command's `body`. A DDPMError, an OSError (disk full, read-only folder: with
+    the file's name) or an interruption becomes one line on stderr and an exit status:
+    the error's own, 1, or 128 + the signal. SIGTERM (what `kill`, schedulers and
+    `timeout` send) is handled as Ctrl-C is, so `finally` blocks and context managers run."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        body()
+    except DDPMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except OSError as exc:
+        print(f"error: {exc.filename}: {exc.strerror}" if exc.filename else f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt as exc:
+        name = exc.args[0] if exc.args else "SIGINT"
+        print(f"interrupted ({name})", file=sys.stderr)
+        sys.exit(128 + signal.Signals[name].value)

@@ -155,16 +155,16 @@ class FeatureFID:
 
 def evaluate_samples(
     classifier: Classifier,
-    test_images: torch.Tensor,
+    fid: FeatureFID,
     train_images: torch.Tensor,
     uncond_images: torch.Tensor,
     cond_images: torch.Tensor,
     cond_labels: torch.Tensor,
 ) -> dict:
-    """FID of both sample sets against the test set, beside the real-data floor (the FID
-    of as many real training images); conditional accuracy; the unconditional class spread.
+    """FID of both sample sets against `fid`'s reference (the test set), beside the
+    real-data floor (the FID of as many real training images); conditional accuracy; the
+    unconditional class spread.
     """
-    fid = FeatureFID(classifier, test_images)
     floor = fid.score(train_images)
     fid_uncond, fid_cond = fid.score(uncond_images), fid.score(cond_images)
     cond_accuracy, per_class = accuracy(predict(classifier, cond_images), cond_labels)
@@ -181,3 +181,30 @@ def evaluate_samples(
         "uncond_class_fractions": {str(c): f for c, f in enumerate(histogram)},
         "uncond_max_class_deviation": max_deviation,
     }
+
+
+def sweep_key(guidance: float) -> str:
+    """The metrics key of one weight: 3.0 → "w3", 1.5 → "w1.5"."""
+    return f"w{guidance:g}"
+
+
+def evaluate_guidance_sweep(
+    classifier: Classifier,
+    fid: FeatureFID,
+    train_images: torch.Tensor,
+    samples: dict[float, tuple[torch.Tensor, torch.Tensor]],
+) -> dict:
+    """Conditional accuracy and FID at each guidance weight ({w: (images, labels)}), with
+    the floor for that many images: FID grows as N shrinks, so compare with it."""
+    n = len(next(iter(samples.values()))[1])
+    sweep = {"num_samples": n, "fid_floor": fid.score(train_images[:n])}
+    for guidance, (images, labels) in samples.items():
+        cond_accuracy, _ = accuracy(predict(classifier, images), labels)
+        sweep[sweep_key(guidance)] = {"guidance": guidance, "cond_accuracy": cond_accuracy, "fid": fid.score(images)}
+    return sweep
+
+
+def sweep_rows(metrics: dict) -> list[dict]:
+    """The sweep of a metrics.json as rows (guidance, cond_accuracy, fid), by weight; [] if none."""
+    sweep = metrics.get("guidance_sweep", {})
+    return sorted((v for v in sweep.values() if isinstance(v, dict)), key=lambda row: row["guidance"])

@@ -64,6 +64,11 @@ def save_samples(path: Path, images: torch.Tensor, labels: torch.Tensor | None =
     write_atomic(path, lambda f: np.savez_compressed(f, **arrays))
 
 
+def sweep_samples_path(samples_dir: Path, guidance: float) -> Path:
+    """Where the guidance sweep's conditional samples at weight `guidance` live."""
+    return Path(samples_dir) / "sweep" / f"guidance_{guidance:g}.npz"
+
+
 def load_samples(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Read what `save_samples` wrote: images as uint8 N×1×28×28, and labels or None."""
     try:

@@ -1,4 +1,5 @@
-"""Prompts: what a user types to ask for classes ("3 1 4", "Seven, nine") → class indices.
+"""Prompts: what a user types to ask for classes ("3 1 4", "Seven, nine", "bag, ankle
+boot") → class indices; and the class names of each dataset, for messages and figures.
 
 A prompt is a list of class references separated by spaces or commas; each is the class
 index ("7") or its name ("seven"), in any case. Names may hold spaces (Fashion-MNIST's
@@ -8,12 +9,22 @@ index ("7") or its name ("seven"), in any case. Names may hold spaces (Fashion-M
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from ddpm_core.errors import DDPMError
 
 CLASS_NAMES: dict[str, tuple[str, ...]] = {
     "mnist": ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"),
+    "fashion-mnist": (
+        "t-shirt/top", "trouser", "pullover", "dress", "coat",
+        "sandal", "shirt", "sneaker", "bag", "ankle boot",
+    ),  # fmt: skip
+}
+
+# Other spellings people type, each unambiguous: accepted in prompts, not listed in messages.
+ALIASES: dict[str, dict[str, int]] = {
+    "mnist": {},
+    "fashion-mnist": {"t-shirt": 0, "tshirt": 0, "t shirt": 0, "top": 0, "trousers": 1, "ankle-boot": 9, "boot": 9},
 }
 
 
@@ -21,6 +32,13 @@ class PromptError(DDPMError):
     """A prompt names no class of the dataset."""
 
     exit_code = 2
+
+
+def class_labels(dataset: str) -> list[str]:
+    """How figures and tables name the classes: digits for MNIST, names otherwise."""
+    if dataset == "mnist":
+        return [str(i) for i in range(len(CLASS_NAMES[dataset]))]
+    return list(CLASS_NAMES[dataset])
 
 
 def _words(text: str) -> list[str]:
@@ -32,9 +50,10 @@ def accepted(names: Sequence[str]) -> str:
     return f"0-{len(names) - 1} or {', '.join(names)}"
 
 
-def parse_prompt(prompt: str, names: Sequence[str] = CLASS_NAMES["mnist"]) -> list[int]:
+def parse_prompt(prompt: str, names: Sequence[str] = CLASS_NAMES["mnist"], aliases: Mapping[str, int] = {}) -> list[int]:
     """Class indices in the order asked: "3 one, Four" → [3, 1, 4]; repeats are kept."""
-    table = {tuple(_words(name)): index for index, name in enumerate(names)}
+    table = {tuple(_words(name)): index for name, index in aliases.items()}
+    table.update({tuple(_words(name)): index for index, name in enumerate(names)})
     longest = max(len(key) for key in table)
     words = _words(prompt)
     if not words:
@@ -53,3 +72,8 @@ def parse_prompt(prompt: str, names: Sequence[str] = CLASS_NAMES["mnist"]) -> li
             classes.append(int(word))
             i += 1
     return classes
+
+
+def parse_dataset_prompt(prompt: str, dataset: str) -> list[int]:
+    """`parse_prompt` with the names and aliases of `dataset` ("mnist", "fashion-mnist")."""
+    return parse_prompt(prompt, CLASS_NAMES[dataset], ALIASES[dataset])

@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+from ddpm_core.data import DATASETS
+from ddpm_core.evaluation import sweep_rows
+from ddpm_core.prompts import class_labels
+
 
 def _table(header: tuple[str, ...], rows: list[tuple]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _sweep_section(metrics: dict) -> list[str]:
+    sweep = metrics.get("guidance_sweep")
+    if not sweep:
+        return []
+    floor = sweep["fid_floor"]
+    rows = [
+        (f"{r['guidance']:g}", f"{r['cond_accuracy']:.4f}", f"{r['fid']:.3f}", f"{r['fid'] / floor:.2f}×")
+        for r in sweep_rows(metrics)
+    ]
+    return [
+        "### Guidance sweep",
+        f"Conditional samples at each classifier-free guidance weight, {sweep['num_samples']} per weight "
+        f"(FID floor for that many real images: {floor:.3f}).",
+        _table(("guidance", "conditional accuracy", "FID", "FID / floor"), rows),
+    ]
 
 
 def render_report(
@@ -20,16 +41,18 @@ def render_report(
     """The report as Markdown. `figures` maps captions to paths relative to the report."""
     floor = metrics["fid_floor"]
     n = metrics["num_samples"]
+    dataset = params.get("data.dataset", "mnist")
+    names = class_labels(dataset)
     results = [
         ("FID, unconditional samples", f"{metrics['fid_uncond']:.3f}", f"{metrics['fid_uncond_over_floor']:.2f}× floor"),
         ("FID, conditional samples", f"{metrics['fid_cond']:.3f}", f"{metrics['fid_cond_over_floor']:.2f}× floor"),
         (f"FID floor ({n} real training images)", f"{floor:.3f}", "what a perfect model scores at this N"),
-        ("conditional accuracy", f"{metrics['cond_accuracy']:.4f}", "evaluator agrees with the requested digit"),
+        ("conditional accuracy", f"{metrics['cond_accuracy']:.4f}", "evaluator agrees with the requested class"),
         ("unconditional: largest class deviation", f"{metrics['uncond_max_class_deviation']:.4f}", "max |fraction − 0.1|"),
-        ("evaluator accuracy (MNIST test)", f"{evaluator_accuracy:.4f}", "the judge itself"),
+        (f"evaluator accuracy ({DATASETS[dataset].title} test)", f"{evaluator_accuracy:.4f}", "the judge itself"),
     ]
     per_class = [
-        (c, f"{metrics['cond_accuracy_per_class'][c]:.3f}", f"{metrics['uncond_class_fractions'][c]:.3f}")
+        (names[int(c)], f"{metrics['cond_accuracy_per_class'][c]:.3f}", f"{metrics['uncond_class_fractions'][c]:.3f}")
         for c in metrics["cond_accuracy_per_class"]
     ]
     train_rows = [
@@ -39,11 +62,12 @@ def render_report(
         "# ddpm-mnist report",
         _table(("", ""), list(environment.items())),
         "## Results",
-        f"FID is computed in the 128-d feature space of the project's MNIST classifier against "
+        f"FID is computed in the 128-d feature space of the project's {DATASETS[dataset].title} classifier against "
         f"the 10,000 test images, for {n} generated images per model.",
         _table(("metric", "value", "note"), results),
         "### Per class",
         _table(("class", "conditional accuracy", "unconditional fraction"), per_class),
+        *_sweep_section(metrics),
         "## Training",
         _table(("model", "final loss", "images/s", "seconds"), train_rows),
         "## Figures",

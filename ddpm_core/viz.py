@@ -3,7 +3,7 @@ matplotlib figures (loss curves, per-class bars, grids side by side)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import pandas as pd
@@ -58,6 +58,8 @@ def per_class_bars(per_class: dict[str, float], title: str, ylabel: str, referen
     classes = list(per_class)
     values = [per_class[c] for c in classes]
     bars = ax.bar(classes, values, color="tab:blue")
+    if max(len(c) for c in classes) > 2:  # class names rather than digits
+        ax.tick_params(axis="x", labelrotation=40)
     ax.bar_label(bars, labels=[f"{v:.3f}" for v in values], fontsize=7)
     if reference is not None:
         ax.axhline(reference, color="tab:red", lw=1, ls="--")
@@ -65,12 +67,38 @@ def per_class_bars(per_class: dict[str, float], title: str, ylabel: str, referen
     return fig
 
 
-def grid_figure(panels: dict[str, np.ndarray]) -> Figure:
-    """Grids (uint8 arrays) side by side, each under its title."""
-    fig = _figure(4 * len(panels), 4.3)
+def grid_figure(panels: dict[str, np.ndarray], row_labels: dict[str, Sequence[str]] | None = None, padding: int = 2) -> Figure:
+    """Grids (uint8 arrays) side by side, each under its title; a panel named in
+    `row_labels` gets one label per row of images on its left (its grid's `padding`)."""
+    row_labels = row_labels or {}
+    fig = _figure(4 * len(panels) + (1.2 if row_labels else 0), 4.3)
     for i, (title, grid) in enumerate(panels.items(), start=1):
         ax = fig.add_subplot(1, len(panels), i)
         ax.imshow(grid, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         ax.set_title(title)
-        ax.axis("off")
+        ax.set_xticks([])
+        ax.set_frame_on(False)
+        labels = row_labels.get(title)
+        if labels:
+            step = (grid.shape[0] - padding) / len(labels)
+            ax.set_yticks([padding / 2 + step * (r + 0.5) for r in range(len(labels))], labels)
+            ax.tick_params(axis="y", length=0)
+        else:
+            ax.set_yticks([])
+    return fig
+
+
+def guidance_sweep_figure(rows: list[dict], fid_floor: float, num_samples: int) -> Figure:
+    """Conditional accuracy and FID against the guidance weight, side by side."""
+    fig = _figure(9, 3.3)
+    weights = [r["guidance"] for r in rows]
+    acc, fid = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    acc.plot(weights, [r["cond_accuracy"] for r in rows], marker="o")
+    acc.set(xlabel="guidance weight w", ylabel="conditional accuracy", ylim=(0, 1.02), title="Accuracy (evaluator agrees)")
+    fid.plot(weights, [r["fid"] for r in rows], marker="o", color="tab:orange")
+    fid.axhline(fid_floor, color="tab:red", lw=1, ls="--", label=f"real-data floor ({fid_floor:.2f})")
+    fid.set(xlabel="guidance weight w", ylabel="FID (classifier features)", title=f"FID, {num_samples} samples per weight")
+    fid.legend()
+    for ax in (acc, fid):
+        ax.grid(alpha=0.3)
     return fig

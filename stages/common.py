@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -28,7 +27,11 @@ sys.path.insert(0, str(HERE.parent))
 
 from ddpm_core import environment, hardware, tracking  # noqa: E402
 from ddpm_core.config import Params, flatten, load_params  # noqa: E402
-from ddpm_core.errors import DDPMError  # noqa: E402
+from ddpm_core.errors import exit_on_error  # noqa: E402
+
+
+# fetch_data's output (dvc.yaml): the chosen dataset in torchvision's layout.
+DATA = Path("data/dataset")
 
 
 def repo_root() -> Path:
@@ -101,29 +104,14 @@ def stage_run(stage: str, params: Params) -> Iterator[tracking.StageRun]:
         yield run
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def main(stage_main: Callable[[Params], None]) -> None:
-    """Load params and run the stage; a user error becomes one line and an exit status.
+    """Load params and run the stage; a user error, a file error or Ctrl-C/SIGTERM becomes
+    one line and an exit status (ddpm_core.errors.exit_on_error), and the stage's MLflow
+    run is marked FAILED or KILLED."""
 
-    SIGTERM (what `kill`, schedulers and `timeout` send) is handled as Ctrl-C is: the
-    stage stops, its MLflow run is marked KILLED, and the exit status is 128 + signal.
-    """
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
+    def body() -> None:
         params = load_params("params.yaml")
         hardware.configure_threads()
         stage_main(params)
-    except DDPMError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    except OSError as exc:
-        # Disk full, a read-only folder, a missing input: say which file, and why.
-        print(f"error: {exc.filename}: {exc.strerror}" if exc.filename else f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt as exc:
-        name = exc.args[0] if exc.args else "SIGINT"
-        print(f"interrupted ({name})", file=sys.stderr)
-        sys.exit(128 + signal.Signals[name].value)
+
+    exit_on_error(body)

@@ -3,8 +3,10 @@
 Compares data/samples/uncond.npz and cond.npz with the MNIST test set in the feature
 space of models/evaluator.pt (torchmetrics' FrechetInceptionDistance with that network
 as `feature=`; nothing is downloaded), beside the real-data floor: the FID of
-`evaluate.num_samples` real training images. Writes reports/metrics.json (DVC metrics)
-and logs every number to the pipeline's parent MLflow run as well.
+`evaluate.num_samples` real training images. With `evaluate.guidance_sweep`, also the
+conditional accuracy and FID at each weight (metrics key `guidance_sweep`, beside its
+own floor for `evaluate.sweep_samples` images). Writes reports/metrics.json (DVC
+metrics) and logs every number to the pipeline's parent MLflow run as well.
 """
 
 import argparse
@@ -12,10 +14,10 @@ import json
 from pathlib import Path
 
 import common
-from ddpm_core.data import load_mnist
-from ddpm_core.evaluation import Classifier, evaluate_samples
+from ddpm_core.data import load_images
+from ddpm_core.evaluation import Classifier, FeatureFID, evaluate_guidance_sweep, evaluate_samples, sweep_rows
 from ddpm_core.files import load_safe, write_text_atomic
-from ddpm_core.generation import load_samples
+from ddpm_core.generation import load_samples, sweep_samples_path
 
 SAMPLES = Path("data/samples")
 
@@ -24,15 +26,20 @@ def run(params):
     classifier = Classifier()
     classifier.load_state_dict(load_safe(Path("models/evaluator.pt")))
     classifier.eval()
-    test = load_mnist(Path("data"), train=False)
-    real = load_mnist(Path("data"), train=True, subset=params.evaluate.num_samples)
+    test = load_images(common.DATA, params.data.dataset, train=False)
+    ep = params.evaluate
+    real = load_images(common.DATA, params.data.dataset, train=True, subset=max(ep.num_samples, ep.sweep_samples))
     uncond, _ = load_samples(SAMPLES / "uncond.npz")
     cond, cond_labels = load_samples(SAMPLES / "cond.npz")
+    sweep = {w: load_samples(sweep_samples_path(SAMPLES, w)) for w in ep.guidance_sweep}
     with common.stage_run("evaluate", params) as run:
+        fid = FeatureFID(classifier, test.images)
         metrics = evaluate_samples(
-            classifier, test.images, real.images,
+            classifier, fid, real.images[: ep.num_samples],
             uncond, cond, cond_labels,
         )  # fmt: skip
+        if sweep:
+            metrics["guidance_sweep"] = evaluate_guidance_sweep(classifier, fid, real.images, sweep)
         write_text_atomic(Path("reports/metrics.json"), json.dumps(metrics, indent=2) + "\n")
         run.log_metrics(metrics)
         run.log_parent_metrics(metrics)
@@ -40,6 +47,8 @@ def run(params):
         f"evaluate: FID uncond {metrics['fid_uncond']:.2f}, cond {metrics['fid_cond']:.2f} "
         f"(real floor {metrics['fid_floor']:.2f}); conditional accuracy {metrics['cond_accuracy']:.4f}"
     )
+    for row in sweep_rows(metrics):
+        print(f"evaluate: guidance {row['guidance']:g}: accuracy {row['cond_accuracy']:.4f}, FID {row['fid']:.2f}")
 
 
 if __name__ == "__main__":

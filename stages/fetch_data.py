@@ -1,23 +1,25 @@
-"""Stage fetch_data: put verified MNIST under data/MNIST/raw (torchvision's layout).
+"""Stage fetch_data: put the verified dataset of `data.dataset` (mnist or fashion-mnist)
+under data/dataset/<MNIST or FashionMNIST>/raw, torchvision's layout.
 
-Reads the four IDX .gz files from the folder named by DDPM_DATA_MIRROR when it is set,
-otherwise downloads them through torchvision. Each file is checked against the official
-MD5 of its uncompressed content; on any failure nothing is left under data/.
+Sources, in order: the folder named by DDPM_DATA_MIRROR (skipped, with a note, when its
+files are the other dataset's); for fashion-mnist, /usr/share/datasets/fashion-mnist
+(Debian's dataset-fashion-mnist) when present; the torchvision download. Each file is
+checked against the official MD5 of its uncompressed content; on any failure nothing is
+left under data/.
 """
 
 import argparse
-from pathlib import Path
 
 import common
-from ddpm_core.data import fetch_mnist
+from ddpm_core.data import DATASETS, fetch
 
 
 def run(params):
-    mirror = common.data_mirror()
+    dataset = params.data.dataset
     with common.stage_run("fetch_data", params) as run:
-        raw = fetch_mnist(Path("data"), mirror)
-        run.set_tags({"data.source": mirror or "torchvision download"})
-    print(f"fetch_data: verified MNIST in {raw} (from {mirror or 'torchvision download'})")
+        raw, source = fetch(dataset, common.DATA, common.data_mirror())
+        run.set_tags({"data.source": source})
+    print(f"fetch_data: verified {DATASETS[dataset].title} in {raw} (from {source})")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Stage plot: figures and reports/report.md, also logged to the parent MLflow run.
 
 Writes to reports/figures/: loss.png (both models), samples.png (generated grids),
-real_vs_generated.png, per_class_accuracy.png, class_fractions.png, and denoising.gif
+real_vs_generated.png, per_class_accuracy.png, class_fractions.png, guidance_sweep.png
+(when evaluate.guidance_sweep is set; its table in reports/guidance_sweep.csv), and denoising.gif
 (the conditional model drawing four of each digit, from noise to digits, with the
 `sample` params' sampler, steps and guidance); a per-class table
 reports/per_class.csv for `dvc plots`; and reports/report.md with params, metrics beside
@@ -20,14 +21,16 @@ import common
 from ddpm_core import hardware
 from ddpm_core.animation import denoising_gif
 from ddpm_core.config import flatten
-from ddpm_core.data import NUM_CLASSES, load_mnist, to_model_range
+from ddpm_core.data import DATASETS, NUM_CLASSES, load_images, to_model_range
 from ddpm_core.files import write_atomic, write_text_atomic
 from ddpm_core.generation import load_samples, load_unet
+from ddpm_core.prompts import class_labels
 from ddpm_core.report import render_report
 from ddpm_core.samplers import make_sampler
 from ddpm_core.schedule import make_schedule
 from ddpm_core.seeding import derived_seed, seed_everything
-from ddpm_core.viz import class_rows_grid, grid_figure, image_grid, loss_curves, per_class_bars
+from ddpm_core.evaluation import sweep_rows
+from ddpm_core.viz import class_rows_grid, grid_figure, guidance_sweep_figure, image_grid, loss_curves, per_class_bars
 
 REPORTS = Path("reports")
 FIGURES = REPORTS / "figures"
@@ -63,32 +66,51 @@ def run(params):
         curves = {name: pd.read_csv(REPORTS / f"loss_{kind}.csv") for name, kind in MODELS.items()}
         uncond, _ = load_samples(Path("data/samples/uncond.npz"))
         cond, labels = load_samples(Path("data/samples/cond.npz"))
-        real = load_mnist(Path("data"), train=False)
+        real = load_images(common.DATA, params.data.dataset, train=False)
         per_row = min(10, len(labels) // 10)
+        names = class_labels(params.data.dataset)  # digits for MNIST, "sneaker", "bag", … for Fashion-MNIST
+        real_title = f"real ({DATASETS[params.data.dataset].title} test)"
+
+        def named(per_class: dict[str, float]) -> dict[str, float]:
+            return {names[int(c)]: v for c, v in per_class.items()}
 
         uncond_grid = image_grid(to_model_range(uncond[:100]), nrow=10)
         cond_grid = class_rows_grid(to_model_range(cond), labels, per_row)
         real_grid = class_rows_grid(to_model_range(real.images), real.labels, per_row)
         figures = {
             "Training loss": ("loss.png", loss_curves(curves)),
-            "Generated samples": ("samples.png", grid_figure({"unconditional": uncond_grid, "conditional (row = digit)": cond_grid})),
-            "Real and generated digits": ("real_vs_generated.png", grid_figure({"real (MNIST test)": real_grid, "generated": cond_grid})),
+            "Generated samples": (
+                "samples.png",
+                grid_figure({"unconditional": uncond_grid, "conditional": cond_grid}, row_labels={"conditional": names}),
+            ),
+            "Real and generated digits": (
+                "real_vs_generated.png",
+                grid_figure({real_title: real_grid, "generated": cond_grid}, row_labels={real_title: names, "generated": names}),
+            ),
             "Conditional accuracy per class": (
                 "per_class_accuracy.png",
-                per_class_bars(metrics["cond_accuracy_per_class"], "Conditional accuracy per class", "accuracy"),
+                per_class_bars(named(metrics["cond_accuracy_per_class"]), "Conditional accuracy per class", "accuracy"),
             ),
             "Unconditional samples: predicted class fractions": (
                 "class_fractions.png",
-                per_class_bars(metrics["uncond_class_fractions"], "Unconditional samples by predicted class", "fraction", reference=0.1),
+                per_class_bars(named(metrics["uncond_class_fractions"]), "Unconditional samples by predicted class", "fraction", reference=0.1),
             ),
         }
+        sweep = sweep_rows(metrics)
+        if sweep:
+            floor, n = metrics["guidance_sweep"]["fid_floor"], metrics["guidance_sweep"]["num_samples"]
+            figures["Guidance sweep: conditional accuracy and FID against the guidance weight"] = (
+                "guidance_sweep.png", guidance_sweep_figure(sweep, floor, n)
+            )
         for _, (name, fig) in figures.items():
             save_figure(fig, FIGURES / name)
         denoising_animation(params, FIGURES / ANIMATION)
         images = {caption: name for caption, (name, _) in figures.items()}
         images["Denoising: the conditional model from noise to digits (row = digit)"] = ANIMATION
-        rows = [(c, metrics["cond_accuracy_per_class"][c], metrics["uncond_class_fractions"][c]) for c in metrics["cond_accuracy_per_class"]]
+        rows = [(names[int(c)], metrics["cond_accuracy_per_class"][c], metrics["uncond_class_fractions"][c]) for c in metrics["cond_accuracy_per_class"]]
         write_text_atomic(REPORTS / "per_class.csv", pd.DataFrame(rows, columns=["class", "accuracy", "uncond_fraction"]).to_csv(index=False))
+        # An empty sweep still writes the header: the file is a DVC output.
+        write_text_atomic(REPORTS / "guidance_sweep.csv", pd.DataFrame(sweep, columns=["guidance", "cond_accuracy", "fid"]).to_csv(index=False))
 
         environment = common.run_environment()
         report = render_report(

@@ -4,7 +4,9 @@ With `sample.sampler`, `sample.steps`, `sample.guidance` (and `sample.eta`), dra
 `evaluate.num_samples` unconditional images and as many conditional ones, balanced over
 the ten classes. Writes data/samples/uncond.npz (array `images`, uint8, N×28×28),
 data/samples/cond.npz (`images` and `labels`, int64) and PNG grids beside them
-(unconditional 10×10; conditional one row per digit).
+(unconditional 10×10; conditional one row per digit). For each weight w of
+`evaluate.guidance_sweep`, `evaluate.sweep_samples` conditional images at guidance w in
+data/samples/sweep/guidance_<w>.npz, for the evaluate stage's sweep.
 """
 
 import argparse
@@ -18,7 +20,7 @@ from PIL import Image
 import common
 from ddpm_core import hardware
 from ddpm_core.files import write_atomic
-from ddpm_core.generation import balanced_labels, generate, load_unet, save_samples
+from ddpm_core.generation import balanced_labels, generate, load_unet, save_samples, sweep_samples_path
 from ddpm_core.samplers import make_sampler
 from ddpm_core.schedule import make_schedule
 from ddpm_core.seeding import derived_seed, seed_everything
@@ -61,6 +63,16 @@ def run(params):
             run.log_image(grid, key=f"samples_{kind}", step=0)
             print(f"sample {kind}: {n} images, {rates[kind]:.1f} images/s")
         run.log_metrics({f"images_per_s_{k}": v for k, v in rates.items()})
+
+        sweep_n = params.evaluate.sweep_samples
+        for w in params.evaluate.guidance_sweep:
+            labels = balanced_labels(sweep_n)
+            generator = torch.Generator().manual_seed(derived_seed(params.seed, f"sample/sweep/{w:g}"))
+            images = generate(
+                model, make_sampler(sp.sampler, schedule, sp.steps, sp.eta), sweep_n, generator, labels,
+                w, sp.batch_size, device, autocast, desc=f"sweep guidance {w:g}",
+            )  # fmt: skip
+            save_samples(sweep_samples_path(OUT, w), images, labels)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Stages train_uncond and train_cond: train a diffusion model on MNIST.
+"""Stages train_uncond and train_cond: train a diffusion model on `data.dataset`
+(data/dataset, from fetch_data).
 
 Writes the EMA weights to models/<kind>.pt (a state_dict; load it with
 torch.load(path, weights_only=True)), the per-epoch mean loss to reports/loss_<kind>.csv
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 
 import common
-from ddpm_core.data import load_mnist
+from ddpm_core.data import load_images
 from ddpm_core.files import save_atomic, write_text_atomic
 from ddpm_core.train import run_fingerprint, train_diffusion
 
@@ -21,7 +22,7 @@ from ddpm_core.train import run_fingerprint, train_diffusion
 def run(params, kind: str):
     stage = f"train_{kind}"
     conditional = kind == "cond"
-    data = load_mnist(Path("data"), train=True, subset=params.data.train_subset)
+    data = load_images(common.DATA, params.data.dataset, train=True, subset=params.data.train_subset)
     resume_path = common.resume_dir() / f"{stage}-{run_fingerprint(params, conditional)}.pt"
     with common.stage_run(stage, params) as run:
         try:

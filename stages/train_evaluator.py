@@ -1,6 +1,6 @@
-"""Stage train_evaluator: the MNIST classifier that judges generated digits.
+"""Stage train_evaluator: the classifier that judges generated images.
 
-Trains on the MNIST training set with its own seed (`evaluator.seed`), reports its
+Trains on the training set of `data.dataset` (MNIST or Fashion-MNIST) with its own seed (`evaluator.seed`), reports its
 accuracy on the real test set, and writes models/evaluator.pt (a state_dict) and
 reports/evaluator.json. Its 128-d penultimate layer is the feature space of FID. It
 depends only on the data and the `evaluator` params, so DVC reuses it across experiments.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import common
 from ddpm_core import hardware
-from ddpm_core.data import load_mnist
+from ddpm_core.data import load_images
 from ddpm_core.evaluation import accuracy, predict, train_classifier
 from ddpm_core.files import save_atomic, write_text_atomic
 
@@ -20,8 +20,8 @@ from ddpm_core.files import save_atomic, write_text_atomic
 def run(params):
     ep = params.evaluator
     device = hardware.pick_device()
-    train = load_mnist(Path("data"), train=True, subset=ep.train_subset)
-    test = load_mnist(Path("data"), train=False)
+    train = load_images(common.DATA, params.data.dataset, train=True, subset=ep.train_subset)
+    test = load_images(common.DATA, params.data.dataset, train=False)
     with common.stage_run("train_evaluator", params) as run:
         classifier = train_classifier(train, ep.epochs, ep.batch_size, ep.lr, ep.seed, device)
         test_accuracy, per_class = accuracy(predict(classifier, test.images), test.labels)

@@ -20,7 +20,7 @@ TINY = {
     "model": {"channels": [16, 32], "attention_heads": 2},
     "train": {"batch_size": 64, "warmup_steps": 2, "preview_steps": 3},
     "sample": {"steps": 5, "batch_size": 100},
-    "evaluate": {"num_samples": 20},
+    "evaluate": {"num_samples": 20, "guidance_sweep": [0, 3], "sweep_samples": 10},
     "evaluator": {"epochs": 1, "train_subset": 1000},
 }
 
@@ -47,10 +47,10 @@ def mnist_root(tmp_path_factory) -> Path:
     """MNIST fetched once per test session from the local mirror."""
     if not MIRROR.is_dir():
         pytest.skip(f"no MNIST mirror at {MIRROR}; set DDPM_DATA_MIRROR")
-    from ddpm_core.data import fetch_mnist
+    from ddpm_core.data import fetch
 
     root = tmp_path_factory.mktemp("mnist")
-    fetch_mnist(root, MIRROR)
+    fetch("mnist", root, MIRROR)
     return root
 
 

@@ -71,3 +71,9 @@ def test_missing_or_broken_file(tmp_path):
 
 def test_config_error_exit_code_is_two():
     assert ConfigError.exit_code == 2
+
+
+def test_guidance_sweep_weights_are_non_negative_and_distinct():
+    assert "evaluate.guidance_sweep.1 = -2" in error_of(evaluate={"guidance_sweep": [0, -2]})
+    assert "lists a weight twice" in error_of(evaluate={"guidance_sweep": [1, 3, 1]})
+    assert "evaluate.sweep_samples = 5" in error_of(evaluate={"sweep_samples": 5})

@@ -1,7 +1,16 @@
 import pytest
 import torch
 
-from ddpm_core.evaluation import Classifier, FeatureFID, accuracy, class_histogram, predict, random_shift
+from ddpm_core.evaluation import (
+    Classifier,
+    FeatureFID,
+    accuracy,
+    class_histogram,
+    evaluate_guidance_sweep,
+    predict,
+    random_shift,
+    sweep_rows,
+)
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +77,20 @@ def test_random_shift_moves_each_image_by_at_most_two_pixels():
     positions = {tuple(torch.nonzero(s[0])[0].tolist()) for s in shifted}
     assert positions <= {(14 + dy, 14 + dx) for dy in range(-2, 3) for dx in range(-2, 3)}
     assert len(positions) > 15
+
+
+def test_guidance_sweep_scores_each_weight_beside_the_floor_for_its_size(classifier):
+    reference, train = real_like(300, 0), real_like(300, 1)
+    fid = FeatureFID(classifier, reference)
+    images = real_like(40, 2)
+    predicted = predict(classifier, images)
+    noise = torch.randint(0, 256, (40, 1, 28, 28), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    # Labels the evaluator agrees with at w=0, and never at w=2.5.
+    sweep = evaluate_guidance_sweep(classifier, fid, train, {0.0: (images, predicted), 2.5: (noise, (predict(classifier, noise) + 1) % 10)})
+    assert set(sweep) == {"num_samples", "fid_floor", "w0", "w2.5"}
+    assert sweep["num_samples"] == 40
+    assert sweep["fid_floor"] == pytest.approx(fid.score(train[:40]))
+    assert sweep["w0"]["cond_accuracy"] == 1.0 and sweep["w2.5"]["cond_accuracy"] == 0.0
+    assert sweep["w0"]["fid"] == pytest.approx(fid.score(images)) and sweep["w2.5"]["fid"] > sweep["w0"]["fid"]
+    assert [row["guidance"] for row in sweep_rows({"guidance_sweep": sweep})] == [0.0, 2.5]
+    assert sweep_rows({}) == []

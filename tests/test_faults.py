@@ -19,7 +19,7 @@ from conftest import MIRROR, clean_env, tiny_raw
 from ddpm_core import tracking
 from ddpm_core import train as train_module
 from ddpm_core.config import parse_params
-from ddpm_core.data import fetch_mnist, load_mnist
+from ddpm_core.data import fetch, load_images
 from ddpm_core.errors import CheckpointError, DataError, TrackingError, TrainingError
 from ddpm_core.files import load_safe, save_atomic, write_text_atomic
 from ddpm_core.train import train_diffusion
@@ -108,7 +108,7 @@ def test_read_only_data_folder(tmp_path, data_exists):
     read_only.mkdir(exist_ok=True)
     with mounted(["--bind", "-o", "ro", str(read_only)], read_only):
         with pytest.raises(DataError) as error:
-            fetch_mnist(tmp_path / "data", MIRROR)
+            fetch("mnist", tmp_path / "data", MIRROR)
     assert str(error.value) == f"{tmp_path / 'data'}: cannot write the dataset (Read-only file system); nothing was kept"
     assert list((tmp_path / "data").iterdir()) == [] if data_exists else not (tmp_path / "data").exists()
 
@@ -134,7 +134,7 @@ def nan_after(monkeypatch):
 
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(mnist_root, tmp_path, nan_after):
     params = parse_params(tiny_raw(epochs=3, data={"train_subset": 128}))  # 2 steps per epoch
-    data = load_mnist(mnist_root, subset=128)
+    data = load_images(mnist_root, "mnist", subset=128)
     nan_after(2)  # epoch 1 is fine, epoch 2 diverges at its first step
     resume = tmp_path / "resume.pt"
     with pytest.raises(TrainingError) as info:
@@ -229,7 +229,7 @@ def test_fetch_stage_reports_a_missing_mirror(project_clone):
     done = run_stage(project_clone, "fetch_data", env={"DDPM_DATA_MIRROR": str(project_clone / "no-such-folder")})
     assert done.returncode == 1
     assert done.stderr.strip() == f"error: {project_clone / 'no-such-folder'}: DDPM_DATA_MIRROR is not a folder"
-    assert not (project_clone / "data" / "MNIST").exists()
+    assert not (project_clone / "data" / "dataset").exists()
 
 
 @pytest.mark.parametrize(

@@ -109,7 +109,7 @@ def test_unknown_prompt_is_one_line_listing_the_words(tmp_path):
     [
         (["--prompt", "7"], "error: models/cond.pt: not found; train it with `dvc repro train_cond`, or load one from MLflow with --run-id"),
         (["--unconditional"], "error: models/uncond.pt: not found; train it with `dvc repro train_uncond`, or load one from MLflow with --run-id"),
-        (["--unconditional", "--prompt", "7"], "error: --unconditional draws any digit; leave out --prompt"),
+        (["--unconditional", "--prompt", "7"], "error: --unconditional draws any class; leave out --prompt"),
     ],
 )
 def test_user_errors_are_one_line(project, capsys, args, message):

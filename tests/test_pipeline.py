@@ -19,6 +19,7 @@ STAGES = ["fetch_data", "train_uncond", "train_cond", "train_evaluator", "sample
 METRICS = {
     "num_samples", "fid_floor", "fid_uncond", "fid_cond", "fid_uncond_over_floor", "fid_cond_over_floor",
     "cond_accuracy", "cond_accuracy_per_class", "uncond_class_fractions", "uncond_max_class_deviation",
+    "guidance_sweep",
 }  # fmt: skip
 
 
@@ -84,5 +85,15 @@ def test_repro_lands_outputs_metrics_and_one_parent_run(tiny_pipeline, tmp_path)
     assert parent_runs(client)[0].data.metrics["cond_accuracy_per_class.3"] == pytest.approx(metrics["cond_accuracy_per_class"]["3"])
     figures = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
     assert {"figures/loss.png", "figures/samples.png", "figures/per_class_accuracy.png"} <= figures
+    # The guidance sweep: its own samples, scores, table, figure and MLflow metrics.
+    sweep = metrics["guidance_sweep"]
+    assert set(sweep) == {"num_samples", "fid_floor", "w0", "w3"} and sweep["num_samples"] == params["evaluate"]["sweep_samples"]
+    with np.load(project_clone / "data" / "samples" / "sweep" / "guidance_3.npz") as f:
+        assert f["images"].shape == (sweep["num_samples"], 28, 28)
+    table = list(csv.DictReader((project_clone / "reports" / "guidance_sweep.csv").open()))
+    assert [float(r["guidance"]) for r in table] == [0.0, 3.0]
+    assert float(table[1]["cond_accuracy"]) == pytest.approx(sweep["w3"]["cond_accuracy"])
+    assert "figures/guidance_sweep.png" in figures
+    assert parent_runs(client)[0].data.metrics["guidance_sweep.w3.fid"] == pytest.approx(sweep["w3"]["fid"])
     report = (project_clone / "reports" / "report.md").read_text()
-    assert f"{metrics['fid_floor']:.3f}" in report and "torch" in report
+    assert f"{metrics['fid_floor']:.3f}" in report and "torch" in report and "### Guidance sweep" in report

@@ -1,6 +1,6 @@
 import pytest
 
-from ddpm_core.prompts import CLASS_NAMES, PromptError, parse_prompt
+from ddpm_core.prompts import CLASS_NAMES, PromptError, class_labels, parse_dataset_prompt, parse_prompt
 
 
 @pytest.mark.parametrize(
@@ -49,3 +49,38 @@ def test_names_with_spaces_match_the_longest_name():
 def test_mnist_names_are_the_ten_digits():
     assert len(CLASS_NAMES["mnist"]) == 10
     assert parse_prompt(" ".join(CLASS_NAMES["mnist"])) == list(range(10))
+
+
+FASHION = CLASS_NAMES["fashion-mnist"]
+
+
+@pytest.mark.parametrize(
+    "prompt,classes",
+    [
+        ("Ankle Boot", [9]),
+        ("t-shirt/top", [0]),
+        ("T-Shirt/Top, ankle boot,bag", [0, 9, 8]),
+        ("sneaker, 8 Sandal  shirt", [7, 8, 5, 6]),
+        ("shirt t-shirt", [6, 0]),
+        ("t shirt, tshirt top", [0, 0, 0]),
+        ("ankle-boot boot trousers", [9, 9, 1]),
+    ],
+)
+def test_fashion_names_and_aliases(prompt, classes):
+    assert parse_dataset_prompt(prompt, "fashion-mnist") == classes
+
+
+def test_fashion_unknown_word_lists_the_fashion_names():
+    with pytest.raises(PromptError) as info:
+        parse_dataset_prompt("bag, seven", "fashion-mnist")
+    assert str(info.value) == (
+        "unknown class 'seven'; accepted: 0-9 or t-shirt/top, trouser, pullover, dress, coat, sandal, shirt, sneaker, bag, ankle boot"
+    )
+    with pytest.raises(PromptError, match="'ankle'"):
+        parse_dataset_prompt("ankle", "fashion-mnist")
+
+
+def test_figures_label_digits_as_digits_and_clothes_by_name():
+    assert class_labels("mnist") == [str(i) for i in range(10)]
+    assert class_labels("fashion-mnist") == list(FASHION)
+    assert parse_dataset_prompt(" ".join(FASHION), "fashion-mnist") == list(range(10))

@@ -7,7 +7,7 @@ import torch
 
 from conftest import tiny_raw
 from ddpm_core.config import parse_params
-from ddpm_core.data import load_mnist
+from ddpm_core.data import load_images
 from ddpm_core.train import train_diffusion, warmup_cosine
 
 
@@ -49,7 +49,7 @@ def test_warmup_cosine_schedule():
 
 @pytest.mark.parametrize("conditional", [False, True])
 def test_training_logs_one_loss_and_one_grid_per_epoch(mnist_root, two_epochs, tmp_path, conditional):
-    data = load_mnist(mnist_root, subset=two_epochs.data.train_subset)
+    data = load_images(mnist_root, "mnist", subset=two_epochs.data.train_subset)
     tracker = Recorder()
     result = train_diffusion(data, two_epochs, conditional, tmp_path / "resume.pt", tracker, device=torch.device("cpu"))
     assert [step for step, _ in tracker.metrics] == [1, 2]
@@ -65,7 +65,7 @@ def test_training_logs_one_loss_and_one_grid_per_epoch(mnist_root, two_epochs, t
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(mnist_root, two_epochs, tmp_path):
-    data = load_mnist(mnist_root, subset=two_epochs.data.train_subset)
+    data = load_images(mnist_root, "mnist", subset=two_epochs.data.train_subset)
     runs = [train_diffusion(data, two_epochs, True, tmp_path / f"r{i}.pt", Recorder(), device=torch.device("cpu")) for i in range(2)]
     assert runs[0].losses == runs[1].losses
     assert digest(runs[0].ema_state_dict) == digest(runs[1].ema_state_dict)
@@ -75,7 +75,7 @@ def test_same_seed_same_bytes_other_seed_other_bytes(mnist_root, two_epochs, tmp
 
 
 def test_interrupted_run_resumes_to_the_same_bytes(mnist_root, two_epochs, tmp_path):
-    data = load_mnist(mnist_root, subset=two_epochs.data.train_subset)
+    data = load_images(mnist_root, "mnist", subset=two_epochs.data.train_subset)
     straight = train_diffusion(data, two_epochs, True, tmp_path / "straight.pt", Recorder(), device=torch.device("cpu"))
 
     resume = tmp_path / "resume.pt"
@@ -90,7 +90,7 @@ def test_interrupted_run_resumes_to_the_same_bytes(mnist_root, two_epochs, tmp_p
 
 
 def test_checkpoint_of_other_params_is_not_resumed(mnist_root, two_epochs, tmp_path):
-    data = load_mnist(mnist_root, subset=two_epochs.data.train_subset)
+    data = load_images(mnist_root, "mnist", subset=two_epochs.data.train_subset)
     resume = tmp_path / "resume.pt"
     train_diffusion(data, two_epochs, False, resume, Recorder(), device=torch.device("cpu"))
     other = parse_params(tiny_raw(seed=5, epochs=2, data={"train_subset": 128}))
