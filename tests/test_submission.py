@@ -172,6 +172,21 @@ def test_pack_refuses_uncommitted_code(tiny_pipeline_copy, tmp_path):
     assert line.startswith("error: uncommitted changes to stages/plot.py:") and "commit them first" in line
 
 
+@pytest.mark.slow
+def test_pack_takes_a_new_output_not_yet_in_git(tiny_pipeline_copy, tmp_path):
+    # As after the first `dvc repro` of a pipeline that gained an output: reports/ is
+    # taken from the work tree, so an untracked output is no reason to refuse.
+    project = tiny_pipeline_copy
+    subprocess.run(["git", "rm", "-q", "--cached", "reports/guidance_sweep.csv"], cwd=project, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "untrack an output"], cwd=project, check=True)
+    bundle = tmp_path / "b.tar.gz"
+    ok(run(["tools/submission.py", "pack", "--out", str(bundle)], project))
+    with tarfile.open(bundle) as tar:
+        assert any(n.endswith("/reports/guidance_sweep.csv") for n in tar.getnames())
+    (project / "notes.txt").write_text("not an output")
+    assert "untracked files notes.txt" in pack_refusal(project, tmp_path)
+
+
 # ---------------------------------------------------------------- fast
 
 

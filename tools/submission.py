@@ -142,6 +142,7 @@ def check_packable(root: Path) -> dict:
     allowed = list(WORK_TREE_FILES) + outs + [str(Path(out).parent / ".gitignore") for out in outs]
     modified, untracked = git_changes(root)
     code_changes = [p for p in modified if not is_under(p, allowed)]
+    untracked = [p for p in untracked if not is_under(p, allowed)]  # e.g. a new output's first run
     if code_changes:
         raise Refusal(
             f"uncommitted changes to {', '.join(code_changes)}: the bundle holds the code of HEAD (git archive), commit them first"
