@@ -183,7 +183,7 @@ def generate(args: argparse.Namespace) -> None:
     count = len(labels) if labels is not None else args.n
     nrow = args.n if classes else min(args.n, 10)
     recorder = FrameRecorder(len(sampler.timesteps), nrow, args.frames) if args.animate else None
-    autocast = hardware.autocast_factory(hardware.resolve_precision("auto", device), device)
+    autocast = hardware.sampling_autocast(device)
     generator = seed_everything(args.seed)
     # One batch: the animation needs every image at every step, and it keeps the image
     # the same with or without --animate.

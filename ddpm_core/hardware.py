@@ -59,6 +59,11 @@ def autocast_factory(precision: str, device: torch.device) -> Callable[[], Conte
     return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
 
 
+def sampling_autocast(device: torch.device) -> Callable[[], ContextManager]:
+    """The autocast of sampling: whatever precision pays on this device ("auto")."""
+    return autocast_factory(resolve_precision("auto", device), device)
+
+
 def place_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Move `model` to `device`, its conv weights in channels-last layout on CPU and CUDA.
 

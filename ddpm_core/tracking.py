@@ -94,13 +94,17 @@ def _connect(root: Path) -> tuple[_PatientClient, str]:
         raise TrackingError(f"MLflow store {uri}: {first_line}") from None
 
 
+def _sqlite_path(uri: str) -> str:
+    return uri.removeprefix("sqlite:///")
+
+
 def _store_creation_lock(uri: str) -> contextlib.AbstractContextManager:
     """A lock beside a SQLite store, held while it is first opened: MLflow creates and
     migrates its tables then, and two processes doing it at once (two queued experiments
     starting together) fail with "duplicate column name". Other stores need none."""
     if not uri.startswith("sqlite:///"):
         return contextlib.nullcontext()
-    return FileLock(uri.removeprefix("sqlite:///") + ".lock", timeout=600)
+    return FileLock(_sqlite_path(uri) + ".lock", timeout=600)
 
 
 def _experiment_id(client: _PatientClient, root: Path) -> str:
@@ -255,7 +259,7 @@ def checkpoint_from_run(root: Path, run_id: str, kind: str, dest: Path) -> tuple
     train_<kind> child is taken.
     """
     uri = tracking_uri(root)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+    if uri.startswith("sqlite:///") and not Path(_sqlite_path(uri)).exists():
         raise TrackingError(f"no MLflow store at {uri}; run from the project folder, or set MLFLOW_TRACKING_URI")
     client = _PatientClient(uri)
     stage = f"train_{kind}"

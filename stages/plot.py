@@ -50,7 +50,7 @@ def denoising_animation(params, path: Path) -> None:
     sp = params.sample
     seed_everything(params.seed)
     device = hardware.pick_device()
-    autocast = hardware.autocast_factory(hardware.resolve_precision("auto", device), device)
+    autocast = hardware.sampling_autocast(device)
     model = load_unet(Path("models/cond.pt"), params.model, True, device)
     sampler = make_sampler(sp.sampler, make_schedule(params.diffusion.schedule, params.diffusion.timesteps), sp.steps, sp.eta)
     labels = torch.arange(NUM_CLASSES).repeat_interleave(ANIMATION_COLUMNS)

@@ -37,7 +37,7 @@ def run(params):
     sp = params.sample
     seed_everything(params.seed)
     device = hardware.pick_device()
-    autocast = hardware.autocast_factory(hardware.resolve_precision("auto", device), device)
+    autocast = hardware.sampling_autocast(device)
     schedule = make_schedule(params.diffusion.schedule, params.diffusion.timesteps)
     n = params.evaluate.num_samples
     with common.stage_run("sample", params) as run:
