@@ -78,8 +78,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def measure_training(spec: dict, params, device) -> dict:
-    model = hardware.place_model(build_model(spec["impl"], params), device)
     precision = spec["precision"]
+    model = hardware.place_model(build_model(spec["impl"], params), device, precision)
     opt = Optimization.build(model, params.train, total_steps=10**6, precision=precision, device=device)
     schedule = make_schedule(params.diffusion.schedule, params.diffusion.timesteps)
     autocast = hardware.autocast_factory(precision, device)
@@ -105,7 +105,7 @@ def measure_training(spec: dict, params, device) -> dict:
 
 
 def measure_sampling(spec: dict, params, device) -> dict:
-    model = hardware.place_model(build_unet(params.model, NUM_CLASSES), device).eval().requires_grad_(False)
+    model = hardware.place_model(build_unet(params.model, NUM_CLASSES), device, spec["precision"]).eval().requires_grad_(False)
     schedule = make_schedule(params.diffusion.schedule, params.diffusion.timesteps)
     sampler = make_sampler(spec["sampler"], schedule, spec["steps"])
     total_steps = len(sampler.timesteps)

@@ -73,7 +73,7 @@ def main() -> None:
     n = params.evaluate.num_samples
     floor = fid.score(load_images(data_dir, dataset, train=True, subset=n).images)
     schedule = make_schedule(params.diffusion.schedule, params.diffusion.timesteps)
-    autocast = hardware.autocast_factory(hardware.resolve_precision("auto", device), device)
+    autocast = hardware.sampling_autocast(device)
 
     rows = []
     for conditional in (True, False) if args.uncond else (True,):
@@ -90,7 +90,7 @@ def main() -> None:
         trained = load_safe(cached)
         model = build_unet(params.model, NUM_CLASSES if conditional else None)
         model.load_state_dict(trained["weights"])
-        model = hardware.place_model(model, device).eval().requires_grad_(False)
+        model = hardware.place_model(model, device, hardware.sampling_precision(device)).eval().requires_grad_(False)
         for spec in args.sample:
             name, steps, guidance = spec.split(":")
             labels = balanced_labels(n) if conditional else None

@@ -23,7 +23,7 @@ def load_unet(path: Path, params: ModelParams, conditional: bool, device: torch.
     """The EMA weights of a trained model, from a state_dict file, ready to sample."""
     model = build_unet(params, NUM_CLASSES if conditional else None)
     model.load_state_dict(load_safe(path))
-    return hardware.place_model(model, device).eval().requires_grad_(False)
+    return hardware.place_model(model, device, hardware.sampling_precision(device)).eval().requires_grad_(False)
 
 
 def balanced_labels(n: int, num_classes: int = NUM_CLASSES) -> torch.Tensor:

@@ -167,7 +167,7 @@ def train_diffusion(
     autocast = hardware.autocast_factory(precision, device)
 
     schedule = make_schedule(params.diffusion.schedule, params.diffusion.timesteps)
-    model = hardware.place_model(build_unet(params.model, NUM_CLASSES if conditional else None), device)
+    model = hardware.place_model(build_unet(params.model, NUM_CLASSES if conditional else None), device, precision)
     steps_per_epoch = math.ceil(len(data) / tp.batch_size)
     opt = Optimization.build(model, tp, steps_per_epoch * params.epochs, precision, device)
     fingerprint = run_fingerprint(params, conditional)

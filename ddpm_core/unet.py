@@ -70,6 +70,11 @@ class UNet(nn.Module):
 
     `forward(x, t, labels)` takes t as integer timestep indices in [0, T) and labels in
     [0, num_classes], where `num_classes` itself is the null class ("no label").
+
+    Each level of the down path keeps the output of each of its blocks as a skip, and the
+    matching up level has as many blocks, each taking one skip. Between levels the up path
+    upsamples and convolves straight to the next level's (narrower) width: that keeps the
+    up path, which costs most, near the down path's cost.
     """
 
     def __init__(
@@ -90,16 +95,13 @@ class UNet(nn.Module):
 
         self.inp = nn.Conv2d(image_channels, channels[0], 3, padding=1)
         self.down = nn.ModuleList()
-        skip_widths = [channels[0]]
         width = channels[0]
         for level, c in enumerate(channels):
             for _ in range(blocks_per_level):
                 self.down.append(ResBlock(width, c, emb_dim, dropout))
                 width = c
-                skip_widths.append(width)
             if level < len(channels) - 1:
                 self.down.append(nn.Conv2d(width, width, 3, stride=2, padding=1))
-                skip_widths.append(width)
 
         self.mid1 = ResBlock(width, width, emb_dim, dropout)
         self.mid_attn = SelfAttention(width, attention_heads)
@@ -107,11 +109,12 @@ class UNet(nn.Module):
 
         self.up = nn.ModuleList()
         for level, c in reversed(list(enumerate(channels))):
-            for _ in range(blocks_per_level + 1):
-                self.up.append(ResBlock(width + skip_widths.pop(), c, emb_dim, dropout))
+            for _ in range(blocks_per_level):
+                self.up.append(ResBlock(width + c, c, emb_dim, dropout))
                 width = c
             if level > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, width, 3, padding=1)))
+                width = channels[level - 1]
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, width, 3, padding=1)))
 
         self.out = nn.Sequential(nn.GroupNorm(GROUPS, width), nn.SiLU(), nn.Conv2d(width, image_channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
@@ -132,10 +135,13 @@ class UNet(nn.Module):
         emb = F.silu(emb)
 
         h = self.inp(x)
-        skips = [h]
+        skips = []
         for layer in self.down:
-            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
-            skips.append(h)
+            if isinstance(layer, ResBlock):
+                h = layer(h, emb)
+                skips.append(h)
+            else:
+                h = layer(h)
         h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
         for layer in self.up:
             if isinstance(layer, ResBlock):
