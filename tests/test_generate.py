@@ -146,3 +146,13 @@ def test_run_id_loads_the_logged_checkpoint_and_plot_made_the_gif(tiny_pipeline_
         assert gif.n_frames == STEPS + 1
         assert gif.size == gif_size((grid_size(10, 4)[1], grid_size(10, 4)[0]))
     assert "figures/denoising.gif" in {a.path for a in client.list_artifacts(parent, "figures")}
+
+
+def test_fallback_sample_params_match_params_yaml():
+    """Outside a project folder `ddpm generate` uses its own copy of the `sample` defaults."""
+    from pathlib import Path
+
+    from ddpm_core.cli import FALLBACK_SAMPLE
+
+    defaults = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())["sample"]
+    assert FALLBACK_SAMPLE == {key: defaults[key] for key in FALLBACK_SAMPLE}
