@@ -75,7 +75,7 @@ def place_model(model: torch.nn.Module, device: torch.device, precision: str = "
     Channels-last on CUDA, and on the CPU in fp32, where oneDNN otherwise reorders NCHW
     tensors on every convolution (measured 15–40 % faster). Not on the CPU under bf16:
     there GroupNorm has no fast channels-last kernel (11.5 against 0.55 ms for one
-    128×32×28×28 batch) and NCHW trains 1.16× faster (benchmarks/benchmark.py).
+    128×32×28×28 batch) and NCHW trains 1.16× faster (docs/performance.md).
     Activations follow the weights' layout, so inputs need no conversion.
     """
     if device.type == "cuda" or (device.type == "cpu" and precision == "fp32"):
