@@ -69,7 +69,7 @@ def sampling_autocast(device: torch.device) -> Callable[[], ContextManager]:
     return autocast_factory(sampling_precision(device), device)
 
 
-def place_model(model: torch.nn.Module, device: torch.device, precision: str = "fp32") -> torch.nn.Module:
+def place_model(model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
     """Move `model` to `device`, in the memory layout that is fastest for `precision`.
 
     Channels-last on CUDA, and on the CPU in fp32, where oneDNN otherwise reorders NCHW
