@@ -1,7 +1,7 @@
 """Speed and memory of training and sampling on this machine, printed as tables.
 
     make bench                                  # = the command below, in .venv with the bench extra
-    python benchmarks/benchmark.py              # all rows, about 10 minutes on 2 CPU cores
+    python benchmarks/benchmark.py              # all rows, about 5 minutes on 2 CPU cores
     python benchmarks/benchmark.py --quick      # fewer steps per row, about 3 minutes
 
 Training rows: images/s and peak memory of one optimisation step as the pipeline takes
