@@ -3,6 +3,7 @@ is checked is determinism, shapes and frame counts, not how the digits look."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 
 from conftest import clean_env, tiny_raw
 from ddpm_core.animation import FRAME_MS, LAST_FRAME_MS, FrameRecorder, gif_size
-from ddpm_core.cli import main
+from ddpm_core.cli import FALLBACK_SAMPLE, main
 from ddpm_core.config import parse_params
 from ddpm_core.samplers import DPMSolverPPSampler, sample
 from ddpm_core.schedule import make_schedule
@@ -150,9 +151,5 @@ def test_run_id_loads_the_logged_checkpoint_and_plot_made_the_gif(tiny_pipeline_
 
 def test_fallback_sample_params_match_params_yaml():
     """Outside a project folder `ddpm generate` uses its own copy of the `sample` defaults."""
-    from pathlib import Path
-
-    from ddpm_core.cli import FALLBACK_SAMPLE
-
     defaults = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())["sample"]
     assert FALLBACK_SAMPLE == {key: defaults[key] for key in FALLBACK_SAMPLE}

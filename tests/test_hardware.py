@@ -34,7 +34,3 @@ def test_layout_does_not_change_the_prediction():
     expected = reference(x, t)
     placed = hardware.place_model(reference, CPU, "fp32")
     assert torch.allclose(placed(x, t), expected, atol=1e-5)
-
-
-def test_sampling_precision_is_auto():
-    assert hardware.sampling_precision(CPU) == hardware.resolve_precision("auto", CPU)
