@@ -151,5 +151,7 @@ def test_run_id_loads_the_logged_checkpoint_and_plot_made_the_gif(tiny_pipeline_
 
 def test_fallback_sample_params_match_params_yaml():
     """Outside a project folder `ddpm generate` uses its own copy of the `sample` defaults."""
-    defaults = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())["sample"]
+    # The committed params.yaml: `dvc exp run` and `dvc exp apply` change the working copy.
+    committed = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=Path(__file__).parents[1], capture_output=True, text=True, check=True)
+    defaults = yaml.safe_load(committed.stdout)["sample"]
     assert FALLBACK_SAMPLE == {key: defaults[key] for key in FALLBACK_SAMPLE}
