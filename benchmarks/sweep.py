@@ -1,11 +1,11 @@
 """One point of the defaults sweep: train with some params changed, then score samples.
 
     python benchmarks/sweep.py epochs=1 'model.channels=[16,32,64]' --sample dpmpp2m:10:3 ddim:20:3
-    python benchmarks/sweep.py epochs=1 --uncond --sample dpmpp2m:10:3
+    python benchmarks/sweep.py epochs=1 --models cond uncond --sample dpmpp2m:10:3
 
 Takes params.yaml, applies the `key=value` overrides (YAML values, dotted keys as in
-`dvc exp run -S`), trains the conditional model (and the unconditional one with
---uncond) on the MNIST in data/ (`dvc repro fetch_data train_evaluator` puts it and the
+`dvc exp run -S`), trains the models named by --models (the conditional one by
+default) on the MNIST in data/ (`dvc repro fetch_data train_evaluator` puts it and the
 evaluator there), then draws `evaluate.num_samples` images per `sampler:steps:guidance`
 and scores them with models/evaluator.pt exactly as the evaluate stage does. Prints one
 row per sampler setting and appends it to benchmarks/sweep.csv. Trained weights are kept
@@ -56,7 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="key=value, as with dvc exp run -S")
     parser.add_argument("--sample", nargs="+", default=["dpmpp2m:10:3"], help="sampler:steps:guidance settings to score")
-    parser.add_argument("--uncond", action="store_true", help="train and score the unconditional model too")
+    parser.add_argument("--models", nargs="+", choices=["cond", "uncond"], default=["cond"], help="which models to train and score")
     args = parser.parse_args()
 
     hardware.configure_threads()
@@ -76,8 +76,8 @@ def main() -> None:
     autocast = hardware.sampling_autocast(device)
 
     rows = []
-    for conditional in (True, False) if args.uncond else (True,):
-        kind = "cond" if conditional else "uncond"
+    for kind in args.models:
+        conditional = kind == "cond"
         cached = CACHE / f"{hashlib.sha256(json.dumps([kind, params.model_dump()], sort_keys=True).encode()).hexdigest()[:16]}.pt"
         if not cached.exists():
             started = time.perf_counter()

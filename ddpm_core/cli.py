@@ -27,7 +27,7 @@ from ddpm_core.viz import image_grid
 
 # The `sample` section of the project's params.yaml, for when there is none in the
 # current folder (with --run-id the weights need no params.yaml).
-FALLBACK_SAMPLE = {"sampler": "dpmpp2m", "steps": 10, "guidance": 3.0, "eta": 0.0}
+FALLBACK_SAMPLE = {"sampler": "dpmpp2m", "steps": 10, "guidance": 2.5, "eta": 0.0}
 
 GENERATE_EPILOG = """\
 examples:

@@ -53,6 +53,7 @@ class TrainParams(_Section):
     warmup_steps: int = Field(ge=0)
     grad_clip: float = Field(gt=0.0)
     ema_decay: float = Field(ge=0.0, lt=1.0)
+    min_snr_gamma: float | None = Field(gt=0.0)
     precision: Literal["auto", "fp32", "bf16"]
     preview_steps: int = Field(ge=1)
     preview_guidance: float = Field(ge=0.0)

@@ -27,19 +27,36 @@ def predicted_x0(schedule: NoiseSchedule, xt: torch.Tensor, index: torch.Tensor,
     return (xt - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
 
 
+def min_snr_weights(schedule: NoiseSchedule, index: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Hang et al. 2023 (Min-SNR-γ) for ε-prediction: w_t = min(SNR_t, γ) / SNR_t.
+
+    SNR_t = ᾱ_t / (1 − ᾱ_t). Low-noise steps (SNR > γ) are down-weighted, so they stop
+    dominating the gradient of a short run; steps with SNR ≤ γ keep weight 1.
+    """
+    alpha_bar = schedule.alpha_bars[index.cpu()]
+    snr = alpha_bar / (1 - alpha_bar)
+    return (snr.clamp(max=gamma) / snr).float()
+
+
 def eps_loss(
     model: nn.Module,
     schedule: NoiseSchedule,
     x0: torch.Tensor,
     labels: torch.Tensor | None,
     generator: torch.Generator,
+    min_snr_gamma: float | None = None,
 ) -> torch.Tensor:
-    """Ho et al.'s simple loss: ‖ε − ε_θ(x_t, t)‖² with t uniform over all T steps.
+    """Ho et al.'s simple loss ‖ε − ε_θ(x_t, t)‖² with t uniform over all T steps,
+    each sample weighted by `min_snr_weights` when `min_snr_gamma` is set.
 
     Timesteps and noise are drawn from `generator` on the CPU, so a run is reproducible
     on any device.
     """
-    index = torch.randint(0, schedule.timesteps, (x0.shape[0],), generator=generator).to(x0.device)
+    index = torch.randint(0, schedule.timesteps, (x0.shape[0],), generator=generator)
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-    xt = q_sample(schedule, x0, index, noise)
-    return F.mse_loss(model(xt, index, labels).float(), noise)
+    t = index.to(x0.device)
+    eps = model(q_sample(schedule, x0, t, noise), t, labels).float()
+    if min_snr_gamma is None:
+        return F.mse_loss(eps, noise)
+    per_sample = (eps - noise).pow(2).flatten(1).mean(1)
+    return (min_snr_weights(schedule, index, min_snr_gamma).to(x0.device) * per_sample).mean()

@@ -95,10 +95,11 @@ def train_step(
     labels: torch.Tensor | None,
     generator: torch.Generator,
     autocast: Callable[[], ContextManager],
+    min_snr_gamma: float | None = None,
 ) -> torch.Tensor:
     """One optimisation step on a batch; returns the loss (on the device, no host sync)."""
     with autocast():
-        loss = eps_loss(opt.model, schedule, x0, labels, generator)
+        loss = eps_loss(opt.model, schedule, x0, labels, generator, min_snr_gamma)
     opt.optimizer.zero_grad(set_to_none=True)
     opt.scaler.scale(loss).backward()
     opt.scaler.unscale_(opt.optimizer)
@@ -198,7 +199,7 @@ def train_diffusion(
             if conditional:
                 drop = torch.rand(len(idx), generator=generator) < params.train_cond.p_uncond
                 y = labels[idx].masked_fill(drop, null_class).to(device)
-            loss = train_step(opt, schedule, x0, y, generator, autocast)
+            loss = train_step(opt, schedule, x0, y, generator, autocast, tp.min_snr_gamma)
             loss_sum += loss * len(idx)
             if step % PROGRESS_EVERY == 0 or step == steps_per_epoch - 1:
                 # The only host sync of the step loop: progress, and a check for divergence.

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from ddpm_core.diffusion import eps_loss, predicted_x0, q_sample
+from ddpm_core.diffusion import eps_loss, min_snr_weights, predicted_x0, q_sample
 from ddpm_core.schedule import make_schedule
 
 
@@ -61,3 +61,23 @@ def test_eps_loss_of_a_zero_predictor_is_the_noise_variance():
     zero = lambda xt, t, labels: torch.zeros_like(xt)  # noqa: E731
     loss = eps_loss(zero, schedule, torch.zeros(256, 1, 8, 8), None, torch.Generator().manual_seed(0))
     assert abs(loss.item() - 1.0) < 0.02
+
+
+def test_min_snr_weights_cap_the_signal_to_noise_ratio():
+    schedule = make_schedule("linear", 1000)
+    weights = min_snr_weights(schedule, torch.arange(1000), gamma=5.0)
+    # t = 1: ᾱ = 1 − 1e-4, SNR = 9999, so w = 5 / 9999.
+    assert abs(weights[0].item() - 5 / 9999) < 1e-7
+    # w = 1 exactly where SNR ≤ γ, i.e. ᾱ ≤ γ / (1 + γ) = 5/6; below 1 everywhere else.
+    noisy = schedule.alpha_bars <= 5 / 6
+    assert torch.all(weights[noisy] == 1) and torch.all(weights[~noisy] < 1)
+    assert 0 < noisy.int().argmax() < 1000
+
+
+def test_min_snr_loss_of_a_zero_predictor_is_the_mean_weight():
+    # ‖ε − 0‖² has mean 1 at every t, so the weighted loss is E_t[w_t] over uniform t.
+    schedule = make_schedule("cosine", 1000)
+    zero = lambda xt, t, labels: torch.zeros_like(xt)  # noqa: E731
+    loss = eps_loss(zero, schedule, torch.zeros(4096, 1, 8, 8), None, torch.Generator().manual_seed(0), min_snr_gamma=5.0)
+    expected = min_snr_weights(schedule, torch.arange(1000), gamma=5.0).mean().item()
+    assert abs(loss.item() - expected) < 0.02

@@ -53,7 +53,7 @@ def test_same_seed_same_png_other_seed_other_png(project, capsys):
     assert a != c
     with Image.open(project / "a.png") as image:
         assert image.size == grid_size(rows=2, columns=2)
-    assert "wrote a.png: 4 images (digits 3 1, guidance 3; dpmpp2m, 5 steps, seed 0; models/cond.pt)" in capsys.readouterr().out
+    assert "wrote a.png: 4 images (digits 3 1, guidance 2.5; dpmpp2m, 5 steps, seed 0; models/cond.pt)" in capsys.readouterr().out
 
 
 def test_animate_writes_steps_plus_one_frames_and_the_same_png(project):
