@@ -92,7 +92,7 @@ def measure_training(spec: dict, params, device) -> dict:
     def run(steps: int) -> float:
         started = time.perf_counter()
         for _ in range(steps):
-            loss = train_step(opt, schedule, x0, labels, generator, autocast)
+            loss = train_step(opt, schedule, x0, labels, generator, autocast, params.train.min_snr_gamma)
         loss.item()  # wait for the device
         return time.perf_counter() - started
 
