@@ -1,5 +1,6 @@
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -12,6 +13,13 @@ from ddpm_core.config import Params, parse_params
 
 ROOT = Path(__file__).resolve().parent.parent
 MIRROR = Path(os.environ.get("DDPM_DATA_MIRROR", ROOT.parent / "shared" / "data" / "mnist")).resolve()
+
+# A shell that starts the tests in the background (`make test &`) hands them SIGINT
+# ignored, and every stage they start inherits that, so no Ctrl-C test could interrupt
+# anything. Restore what a terminal gives: SIGINT raises KeyboardInterrupt here, and
+# child processes start with the default disposition.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Small enough for seconds on a CPU, large enough to exercise every code path.
 TINY = {
