@@ -95,9 +95,12 @@ def train_step(
     labels: torch.Tensor | None,
     generator: torch.Generator,
     autocast: Callable[[], ContextManager],
-    min_snr_gamma: float | None = None,
+    min_snr_gamma: float | None,
 ) -> torch.Tensor:
-    """One optimisation step on a batch; returns the loss (on the device, no host sync)."""
+    """One optimisation step on a batch; returns the loss (on the device, no host sync).
+
+    `min_snr_gamma` is `train.min_snr_gamma`, required so that no caller (the benchmark,
+    say) trains a different objective from the pipeline's by leaving it out."""
     with autocast():
         loss = eps_loss(opt.model, schedule, x0, labels, generator, min_snr_gamma)
     opt.optimizer.zero_grad(set_to_none=True)
