@@ -3,6 +3,10 @@
     make bench                                  # = the command below, in .venv with the bench extra
     python benchmarks/benchmark.py              # all rows, about 5 minutes on 2 CPU cores
     python benchmarks/benchmark.py --quick      # fewer steps per row, about 3 minutes
+    python benchmarks/benchmark.py --avx2       # the rows as a laptop without AVX-512 would run them
+
+The header names the CPU, the flags that decide the path (AVX2, AVX-512, native bf16)
+and the precision and memory layout the pipeline takes on this machine.
 
 Training rows: images/s and peak memory of one optimisation step as the pipeline takes
 it (ddpm_core.train.train_step: ε-loss, AdamW, clipping, EMA) for this project's U-Net
@@ -42,7 +46,7 @@ from ddpm_core.data import NUM_CLASSES  # noqa: E402
 from ddpm_core.samplers import make_sampler, sample  # noqa: E402
 from ddpm_core.environment import software_versions  # noqa: E402
 from ddpm_core.schedule import make_schedule  # noqa: E402
-from ddpm_core.train import Optimization, train_step  # noqa: E402
+from ddpm_core.train import Objective, Optimization, train_step  # noqa: E402
 from ddpm_core.unet import build_unet  # noqa: E402
 
 
@@ -92,7 +96,7 @@ def measure_training(spec: dict, params, device) -> dict:
     def run(steps: int) -> float:
         started = time.perf_counter()
         for _ in range(steps):
-            loss = train_step(opt, schedule, x0, labels, generator, autocast, params.train.min_snr_gamma)
+            loss = train_step(opt, schedule, x0, labels, generator, autocast, Objective.of(params))
         loss.item()  # wait for the device
         return time.perf_counter() - started
 
@@ -108,7 +112,7 @@ def measure_training(spec: dict, params, device) -> dict:
 def measure_sampling(spec: dict, params, device) -> dict:
     model = hardware.place_model(build_unet(params.model, NUM_CLASSES), device, spec["precision"]).eval().requires_grad_(False)
     schedule = make_schedule(params.diffusion.schedule, params.diffusion.timesteps)
-    sampler = make_sampler(spec["sampler"], schedule, spec["steps"])
+    sampler = make_sampler(spec["sampler"], schedule, spec["steps"], 0.0, params.diffusion.prediction)
     total_steps = len(sampler.timesteps)
     if spec["timed_steps"] < total_steps:
         sampler.timesteps = sampler.timesteps[: spec["timed_steps"]]  # each step costs the same
@@ -116,7 +120,7 @@ def measure_sampling(spec: dict, params, device) -> dict:
     bs = params.sample.batch_size
     labels = torch.arange(bs) % NUM_CLASSES
     generator = torch.Generator().manual_seed(0)
-    sample(model, make_sampler("ddim", schedule, 1), (bs, 1, 28, 28), generator, labels, spec["guidance"], device, autocast)
+    sample(model, make_sampler("ddim", schedule, 1, 0.0, params.diffusion.prediction), (bs, 1, 28, 28), generator, labels, spec["guidance"], device, autocast)
     started = time.perf_counter()
     sample(model, sampler, (bs, 1, 28, 28), generator, labels, spec["guidance"], device, autocast)
     seconds = (time.perf_counter() - started) * total_steps / len(sampler.timesteps)
@@ -149,16 +153,38 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     bf16 = "native bf16" if hardware.cpu_has_native_bf16() else "no native bf16 (emulated)"
-    return f"{cpu}, {os.cpu_count()} cores, {bf16}"
+    return f"{cpu}, {os.cpu_count()} cores, {bf16}; CPU flags: {' '.join(hardware.cpu_flags()) or 'none read'}"
+
+
+def pipeline_path(params, device: torch.device) -> str:
+    """The precision and layout the pipeline takes here, and what decided it."""
+    precision = hardware.resolve_precision(params.train.precision, device)
+    layout = "channels-last" if device.type == "cuda" or precision == "fp32" else "NCHW"
+    if device.type != "cpu":
+        why = f"device {device}"
+    elif precision == "bf16":
+        why = "native bf16 (avx512_bf16 or amx_bf16 in the CPU flags)"
+    else:
+        why = "no native bf16 in the CPU flags: emulated bf16 would be slower than fp32"
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    capped = f"; vector ISA capped at {isa} for this run" if isa else ""
+    return f"train.precision {params.train.precision} -> {precision}, {layout} ({why}){capped}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer timed steps per row")
+    parser.add_argument(
+        "--avx2", action="store_true",
+        help="cap oneDNN and ATen at AVX2 in the timed rows (ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2): "
+        "an AVX-512 machine then times the fp32 path of a laptop without AVX-512 or native bf16",
+    )  # fmt: skip
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(json.loads(args.child))
+    if args.avx2:
+        os.environ.update(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")  # inherited by each row's process
 
     import pandas as pd
 
@@ -166,6 +192,7 @@ def main() -> None:
     device = hardware.pick_device()
     threads = hardware.configure_threads()
     print(f"machine: {machine()}; device {device}, {threads} torch threads")
+    print(f"pipeline path: {pipeline_path(params, device)}")
     print(f"versions: {versions()}")
     print(f"model: channels {list(params.model.channels)}, {params.model.blocks_per_level} block(s) per level; "
           f"train batch {params.train.batch_size}, sample batch {params.sample.batch_size}\n")  # fmt: skip

@@ -35,7 +35,7 @@ from ddpm_core.config import parse_params  # noqa: E402
 from ddpm_core.data import NUM_CLASSES, load_images  # noqa: E402
 from ddpm_core.evaluation import Classifier, FeatureFID, accuracy, predict  # noqa: E402
 from ddpm_core.files import load_safe, save_atomic  # noqa: E402
-from ddpm_core.generation import balanced_labels, generate  # noqa: E402
+from ddpm_core.generation import balanced_labels, generate, save_samples  # noqa: E402
 from ddpm_core.samplers import make_sampler  # noqa: E402
 from ddpm_core.schedule import make_schedule  # noqa: E402
 from ddpm_core.train import train_diffusion  # noqa: E402
@@ -96,15 +96,19 @@ def main() -> None:
             labels = balanced_labels(n) if conditional else None
             started = time.perf_counter()
             images = generate(
-                model, make_sampler(name, schedule, int(steps)), n, torch.Generator().manual_seed(params.seed), labels,
+                model, make_sampler(name, schedule, int(steps), 0.0, params.diffusion.prediction), n, torch.Generator().manual_seed(params.seed), labels,
                 float(guidance) if conditional else 1.0, params.sample.batch_size, device, autocast, desc=f"{kind} {spec}",
             )  # fmt: skip
             sample_s = time.perf_counter() - started
+            samples_dir = CACHE / "samples"
+            samples_dir.mkdir(parents=True, exist_ok=True)
+            save_samples(samples_dir / f"{cached.stem}_{spec.replace(':', '_')}.npz", images, labels)
             score = fid.score(images)
             row = {
                 "setting": setting, "model": kind, "sampler": spec, "train_s": round(trained["train_s"]), "train_img_s": round(trained["images_per_s"]),
                 "last_epoch_loss": round(trained["final_loss"], 4), "sample_img_s": round(n / sample_s, 1),
                 "fid": round(score, 2), "floor": round(floor, 2), "fid_over_floor": round(score / floor, 2),
+                "zero_pixels": round((images == 0).float().mean().item(), 3), "samples": f"{cached.stem}_{spec.replace(':', '_')}.npz",
                 "accuracy": round(accuracy(predict(classifier, images), labels)[0], 4) if conditional else None,
             }  # fmt: skip
             rows.append(row)

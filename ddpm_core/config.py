@@ -28,6 +28,7 @@ class DataParams(_Section):
 class DiffusionParams(_Section):
     timesteps: int = Field(ge=2)
     schedule: Literal["linear", "cosine"]
+    prediction: Literal["eps", "v"]  # what the network outputs: the noise ε or v = α ε − σ x_0
 
 
 class ModelParams(_Section):

@@ -1,12 +1,19 @@
-"""The forward process q(x_t | x_0) in closed form, and the ε-prediction training loss."""
+"""The forward process q(x_t | x_0) in closed form, what the network predicts (ε or v),
+and the training loss.
+
+With α = √ᾱ_t and σ = √(1 − ᾱ_t), x_t = α x_0 + σ ε. The network predicts either ε
+(Ho et al. 2020) or v = α ε − σ x_0 (Salimans & Ho 2022); both give x̂_0 and ε̂ in
+closed form (`x0_and_eps`), which is all the samplers use.
+"""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ddpm_core.schedule import NoiseSchedule
+
+PREDICTIONS = ("eps", "v")
 
 
 def _per_sample(values: torch.Tensor, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -21,33 +28,55 @@ def q_sample(schedule: NoiseSchedule, x0: torch.Tensor, index: torch.Tensor, noi
     return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
 
 
+def v_target(schedule: NoiseSchedule, x0: torch.Tensor, index: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """v = √ᾱ_t · ε − √(1 − ᾱ_t) · x_0: the velocity of x_t on the circle α² + σ² = 1."""
+    alpha_bar = _per_sample(schedule.alpha_bars, index, x0)
+    return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
+
+
+def x0_and_eps(alpha_bar: torch.Tensor, xt: torch.Tensor, output: torch.Tensor, prediction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x̂_0, ε̂) from the network's output at noise level ᾱ (a scalar or broadcastable).
+
+    ε-prediction: x̂_0 = (x_t − σ ε̂) / α.  v-prediction: x̂_0 = α x_t − σ v̂, ε̂ = σ x_t + α v̂.
+    """
+    alpha, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    if prediction == "eps":
+        return (xt - sigma * output) / alpha, output
+    if prediction == "v":
+        return alpha * xt - sigma * output, sigma * xt + alpha * output
+    raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+
+
 def predicted_x0(schedule: NoiseSchedule, xt: torch.Tensor, index: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """Invert q_sample for x_0 given a noise estimate: x_0 = (x_t − √(1 − ᾱ_t) ε) / √ᾱ_t."""
-    alpha_bar = _per_sample(schedule.alpha_bars, index, xt)
-    return (xt - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+    return x0_and_eps(_per_sample(schedule.alpha_bars, index, xt), xt, eps, "eps")[0]
 
 
-def min_snr_weights(schedule: NoiseSchedule, index: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Hang et al. 2023 (Min-SNR-γ) for ε-prediction: w_t = min(SNR_t, γ) / SNR_t.
+def min_snr_weights(schedule: NoiseSchedule, index: torch.Tensor, gamma: float, prediction: str = "eps") -> torch.Tensor:
+    """Hang et al. 2023 (Min-SNR-γ): the weight of the ε or v loss at each timestep.
 
-    SNR_t = ᾱ_t / (1 − ᾱ_t). Low-noise steps (SNR > γ) are down-weighted, so they stop
-    dominating the gradient of a short run; steps with SNR ≤ γ keep weight 1.
+    SNR_t = ᾱ_t / (1 − ᾱ_t). In terms of x̂_0 every variant weighs ‖x_0 − x̂_0‖² by
+    min(SNR_t, γ); since ‖ε − ε̂‖² = SNR_t ‖x_0 − x̂_0‖² and ‖v − v̂‖² = (SNR_t + 1) ‖x_0 − x̂_0‖²,
+    that is w_t = min(SNR_t, γ) / SNR_t for ε and min(SNR_t, γ) / (SNR_t + 1) for v.
+    Low-noise steps (SNR > γ) are down-weighted, so they stop dominating a short run.
     """
     alpha_bar = schedule.alpha_bars[index.cpu()]
     snr = alpha_bar / (1 - alpha_bar)
-    return (snr.clamp(max=gamma) / snr).float()
+    return (snr.clamp(max=gamma) / (snr if prediction == "eps" else snr + 1)).float()
 
 
-def eps_loss(
+def diffusion_loss(
     model: nn.Module,
     schedule: NoiseSchedule,
     x0: torch.Tensor,
     labels: torch.Tensor | None,
     generator: torch.Generator,
+    prediction: str = "eps",
     min_snr_gamma: float | None = None,
 ) -> torch.Tensor:
-    """Ho et al.'s simple loss ‖ε − ε_θ(x_t, t)‖² with t uniform over all T steps,
-    each sample weighted by `min_snr_weights` when `min_snr_gamma` is set.
+    """‖target − net(x_t, t)‖², target ε (Ho et al.'s simple loss) or v, averaged over the
+    batch, with t uniform over all T steps and each sample weighted by `min_snr_weights`
+    when `min_snr_gamma` is set.
 
     Timesteps and noise are drawn from `generator` on the CPU, so a run is reproducible
     on any device.
@@ -55,8 +84,9 @@ def eps_loss(
     index = torch.randint(0, schedule.timesteps, (x0.shape[0],), generator=generator)
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     t = index.to(x0.device)
-    eps = model(q_sample(schedule, x0, t, noise), t, labels).float()
+    output = model(q_sample(schedule, x0, t, noise), t, labels).float()
+    target = noise if prediction == "eps" else v_target(schedule, x0, t, noise)
+    per_sample = (output - target).pow(2).flatten(1).mean(1)
     if min_snr_gamma is None:
-        return F.mse_loss(eps, noise)
-    per_sample = (eps - noise).pow(2).flatten(1).mean(1)
-    return (min_snr_weights(schedule, index, min_snr_gamma).to(x0.device) * per_sample).mean()
+        return per_sample.mean()
+    return (min_snr_weights(schedule, index, min_snr_gamma, prediction).to(x0.device) * per_sample).mean()

@@ -24,10 +24,10 @@ from ddpm_core import hardware
 from ddpm_core.files import load_safe, save_atomic
 from ddpm_core.config import Params, TrainParams
 from ddpm_core.data import NUM_CLASSES, ImageSet, to_model_range
-from ddpm_core.diffusion import eps_loss
+from ddpm_core.diffusion import diffusion_loss
 from ddpm_core.ema import make_ema
 from ddpm_core.errors import TrainingError
-from ddpm_core.samplers import DDIMSampler, sample
+from ddpm_core.samplers import make_sampler, sample
 from ddpm_core.schedule import NoiseSchedule, make_schedule
 from ddpm_core.seeding import restore_rng_state, rng_state, seed_everything
 from ddpm_core.unet import build_unet
@@ -88,6 +88,18 @@ class Optimization:
             getattr(self, key).load_state_dict(state[key])
 
 
+@dataclass(frozen=True)
+class Objective:
+    """What the loss trains: the prediction target (ε or v) and its Min-SNR weighting."""
+
+    prediction: str
+    min_snr_gamma: float | None
+
+    @classmethod
+    def of(cls, params: Params) -> Objective:
+        return cls(params.diffusion.prediction, params.train.min_snr_gamma)
+
+
 def train_step(
     opt: Optimization,
     schedule: NoiseSchedule,
@@ -95,14 +107,14 @@ def train_step(
     labels: torch.Tensor | None,
     generator: torch.Generator,
     autocast: Callable[[], ContextManager],
-    min_snr_gamma: float | None,
+    objective: Objective,
 ) -> torch.Tensor:
     """One optimisation step on a batch; returns the loss (on the device, no host sync).
 
-    `min_snr_gamma` is `train.min_snr_gamma`, required so that no caller (the benchmark,
-    say) trains a different objective from the pipeline's by leaving it out."""
+    `objective` (from `Objective.of(params)`) is required so that no caller (the
+    benchmark, say) trains a different objective from the pipeline's by leaving it out."""
     with autocast():
-        loss = eps_loss(opt.model, schedule, x0, labels, generator, min_snr_gamma)
+        loss = diffusion_loss(opt.model, schedule, x0, labels, generator, objective.prediction, objective.min_snr_gamma)
     opt.optimizer.zero_grad(set_to_none=True)
     opt.scaler.scale(loss).backward()
     opt.scaler.unscale_(opt.optimizer)
@@ -139,7 +151,8 @@ def run_fingerprint(params: Params, conditional: bool) -> str:
 
 def preview_grid(ema_model, params: Params, conditional: bool, device, autocast) -> np.ndarray:
     """A fixed-noise sample grid: the same seed every epoch, so grids show progress."""
-    sampler = DDIMSampler(make_schedule(params.diffusion.schedule, params.diffusion.timesteps), params.train.preview_steps)
+    schedule = make_schedule(params.diffusion.schedule, params.diffusion.timesteps)
+    sampler = make_sampler("ddim", schedule, params.train.preview_steps, 0.0, params.diffusion.prediction)
     generator = torch.Generator().manual_seed(params.seed)
     if conditional:
         labels = torch.arange(NUM_CLASSES).repeat_interleave(PREVIEW_PER_CLASS)
@@ -174,6 +187,7 @@ def train_diffusion(
     model = hardware.place_model(build_unet(params.model, NUM_CLASSES if conditional else None), device, precision)
     steps_per_epoch = math.ceil(len(data) / tp.batch_size)
     opt = Optimization.build(model, tp, steps_per_epoch * params.epochs, precision, device)
+    objective = Objective.of(params)
     fingerprint = run_fingerprint(params, conditional)
     result = TrainResult(ema_state_dict={}, precision=precision, device=str(device))
     start_epoch = 1
@@ -202,7 +216,7 @@ def train_diffusion(
             if conditional:
                 drop = torch.rand(len(idx), generator=generator) < params.train_cond.p_uncond
                 y = labels[idx].masked_fill(drop, null_class).to(device)
-            loss = train_step(opt, schedule, x0, y, generator, autocast, tp.min_snr_gamma)
+            loss = train_step(opt, schedule, x0, y, generator, autocast, objective)
             loss_sum += loss * len(idx)
             if step % PROGRESS_EVERY == 0 or step == steps_per_epoch - 1:
                 # The only host sync of the step loop: progress, and a check for divergence.

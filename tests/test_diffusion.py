@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from ddpm_core.diffusion import eps_loss, min_snr_weights, predicted_x0, q_sample
+from ddpm_core.diffusion import diffusion_loss, min_snr_weights, predicted_x0, q_sample, v_target, x0_and_eps
 from ddpm_core.schedule import make_schedule
 
 
@@ -52,14 +52,14 @@ class OracleEps(nn.Module):
 def test_eps_loss_is_zero_for_the_exact_noise_predictor():
     schedule = make_schedule("linear", 1000)
     x0 = torch.full((64, 1, 4, 4), 0.3)
-    loss = eps_loss(OracleEps(schedule, 0.3), schedule, x0, None, torch.Generator().manual_seed(0))
+    loss = diffusion_loss(OracleEps(schedule, 0.3), schedule, x0, None, torch.Generator().manual_seed(0))
     assert loss.item() < 1e-6
 
 
 def test_eps_loss_of_a_zero_predictor_is_the_noise_variance():
     schedule = make_schedule("linear", 1000)
     zero = lambda xt, t, labels: torch.zeros_like(xt)  # noqa: E731
-    loss = eps_loss(zero, schedule, torch.zeros(256, 1, 8, 8), None, torch.Generator().manual_seed(0))
+    loss = diffusion_loss(zero, schedule, torch.zeros(256, 1, 8, 8), None, torch.Generator().manual_seed(0))
     assert abs(loss.item() - 1.0) < 0.02
 
 
@@ -78,6 +78,43 @@ def test_min_snr_loss_of_a_zero_predictor_is_the_mean_weight():
     # ‖ε − 0‖² has mean 1 at every t, so the weighted loss is E_t[w_t] over uniform t.
     schedule = make_schedule("cosine", 1000)
     zero = lambda xt, t, labels: torch.zeros_like(xt)  # noqa: E731
-    loss = eps_loss(zero, schedule, torch.zeros(4096, 1, 8, 8), None, torch.Generator().manual_seed(0), min_snr_gamma=5.0)
+    loss = diffusion_loss(zero, schedule, torch.zeros(4096, 1, 8, 8), None, torch.Generator().manual_seed(0), "eps", min_snr_gamma=5.0)
     expected = min_snr_weights(schedule, torch.arange(1000), gamma=5.0).mean().item()
     assert abs(loss.item() - expected) < 0.02
+
+
+def test_v_prediction_recovers_x0_and_eps_exactly():
+    # With the true v = α ε − σ x_0, x̂_0 = α x_t − σ v and ε̂ = σ x_t + α v are exact (α² + σ² = 1).
+    schedule = make_schedule("linear", 1000)
+    x0 = torch.rand(16, 1, 4, 4, dtype=torch.float64) * 2 - 1
+    noise = torch.randn_like(x0)
+    index = torch.randint(0, 1000, (16,))
+    xt = q_sample(schedule, x0, index, noise)
+    v = v_target(schedule, x0, index, noise)
+    alpha_bar = schedule.alpha_bars[index].view(-1, 1, 1, 1)
+    x0_hat, eps_hat = x0_and_eps(alpha_bar, xt, v, "v")
+    assert torch.allclose(x0_hat, x0, atol=1e-10) and torch.allclose(eps_hat, noise, atol=1e-10)
+    # ε-prediction with the true noise gives the same pair.
+    x0_eps, eps_eps = x0_and_eps(alpha_bar, xt, noise, "eps")
+    assert torch.allclose(x0_eps, x0, atol=1e-8) and torch.equal(eps_eps, noise)
+
+
+def test_v_loss_of_a_zero_predictor_is_the_mean_of_alpha_bar_eps2_plus_sigma2_x02():
+    # E‖v‖² = ᾱ E[ε²] + (1 − ᾱ) x_0² per pixel; with x_0 ≡ 0.5 the loss is E_t[ᾱ + 0.25 (1 − ᾱ)].
+    schedule = make_schedule("linear", 1000)
+    zero = lambda xt, t, labels: torch.zeros_like(xt)  # noqa: E731
+    loss = diffusion_loss(zero, schedule, torch.full((4096, 1, 8, 8), 0.5), None, torch.Generator().manual_seed(0), "v")
+    ab = schedule.alpha_bars
+    assert abs(loss.item() - (ab + 0.25 * (1 - ab)).mean().item()) < 0.02
+
+
+def test_min_snr_weights_for_v_are_capped_snr_over_snr_plus_one():
+    schedule = make_schedule("linear", 1000)
+    index = torch.arange(1000)
+    snr = schedule.alpha_bars / (1 - schedule.alpha_bars)
+    weights = min_snr_weights(schedule, index, gamma=5.0, prediction="v")
+    assert torch.allclose(weights.double(), snr.clamp(max=5.0) / (snr + 1), rtol=1e-6)
+    # In x̂_0 terms both targets weigh the error by min(SNR, γ): w_v (SNR + 1) = w_ε SNR.
+    eps_weights = min_snr_weights(schedule, index, gamma=5.0, prediction="eps")
+    assert torch.allclose(weights.double() * (snr + 1), eps_weights.double() * snr, rtol=1e-5)
+

@@ -119,15 +119,15 @@ def test_read_only_data_folder(tmp_path, data_exists):
 @pytest.fixture
 def nan_after(monkeypatch):
     def install(calls):
-        real = train_module.eps_loss
+        real = train_module.diffusion_loss
         count = {"n": 0}
 
-        def eps_loss(*args, **kwargs):
+        def diffusion_loss(*args, **kwargs):
             count["n"] += 1
             loss = real(*args, **kwargs)
             return loss * float("nan") if count["n"] > calls else loss
 
-        monkeypatch.setattr(train_module, "eps_loss", eps_loss)
+        monkeypatch.setattr(train_module, "diffusion_loss", diffusion_loss)
 
     return install
 

@@ -34,3 +34,19 @@ def test_layout_does_not_change_the_prediction():
     expected = reference(x, t)
     placed = hardware.place_model(reference, CPU, "fp32")
     assert torch.allclose(placed(x, t), expected, atol=1e-5)
+
+
+def test_ddpm_cpu_bf16_overrides_the_detected_precision(monkeypatch):
+    monkeypatch.setenv("DDPM_CPU_BF16", "0")
+    assert hardware.resolve_precision("auto", CPU) == "fp32"
+    monkeypatch.setenv("DDPM_CPU_BF16", "1")
+    assert hardware.resolve_precision("auto", CPU) == "bf16"
+    assert hardware.resolve_precision("fp32", CPU) == "fp32"  # an explicit param still wins
+
+
+def test_cpu_flags_are_read_from_the_flags_line():
+    flags = hardware.cpu_flags()
+    assert set(flags) <= set(hardware.DECIDING_FLAGS)
+    text = open("/proc/cpuinfo").read()
+    line = next(line for line in text.splitlines() if line.startswith(("flags", "Features")))
+    assert ("avx2" in flags) == (" avx2" in line)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from ddpm_core.samplers import DDIMSampler, DDPMSampler, DPMSolverPPSampler, guided_eps, make_sampler, sample
+from ddpm_core.samplers import DDIMSampler, DDPMSampler, DPMSolverPPSampler, guided_output, make_sampler, sample
 from ddpm_core.schedule import make_schedule
 
 
@@ -34,7 +34,7 @@ class ConstantDataEps(nn.Module):
 def test_samplers_recover_a_point_mass(sampler_name, steps):
     schedule = make_schedule("linear", 1000)
     model = ConstantDataEps(schedule, 0.4)
-    sampler = make_sampler(sampler_name, schedule, steps)
+    sampler = make_sampler(sampler_name, schedule, steps, 0.0, "eps")
     out = sample(model, sampler, (4, 1, 3, 3), torch.Generator().manual_seed(0))
     assert torch.allclose(out, torch.full_like(out, 0.4), atol=1e-4)
     assert model.calls == len(sampler.timesteps)
@@ -85,7 +85,7 @@ def test_guidance_one_is_a_single_conditional_pass():
     schedule = make_schedule("linear", 1000)
     model = ConstantDataEps(schedule, [0.2, -0.5])
     xt, t, y = torch.randn(4, 1, 2, 2), torch.full((4,), 500), torch.tensor([0, 1, 0, 1])
-    eps = guided_eps(model, xt, t, y, 1.0)
+    eps = guided_output(model, xt, t, y, 1.0)
     assert model.calls == 1 and model.batch_sizes == [4]
     assert torch.equal(eps, model(xt, t, y))
 
@@ -94,12 +94,12 @@ def test_guidance_combines_conditional_and_null_in_one_batch():
     schedule = make_schedule("linear", 1000)
     model = ConstantDataEps(schedule, [0.2, -0.5], null_value=0.0)
     xt, t, y = torch.randn(4, 1, 2, 2), torch.full((4,), 500), torch.tensor([0, 1, 0, 1])
-    eps = guided_eps(model, xt, t, y, 3.0)
+    eps = guided_output(model, xt, t, y, 3.0)
     assert model.batch_sizes == [8]
     e_cond, e_null = model(xt, t, y), model(xt, t, torch.full_like(y, 2))
     assert torch.allclose(eps, e_null + 3.0 * (e_cond - e_null), atol=1e-6)
     model.batch_sizes.clear()
-    assert torch.allclose(guided_eps(model, xt, t, y, 0.0), e_null)
+    assert torch.allclose(guided_output(model, xt, t, y, 0.0), e_null)
     assert model.batch_sizes == [4]
 
 
