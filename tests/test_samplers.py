@@ -40,6 +40,27 @@ def test_samplers_recover_a_point_mass(sampler_name, steps):
     assert model.calls == len(sampler.timesteps)
 
 
+class ConstantDataV(ConstantDataEps):
+    """The exact v-predictor for the same data: v = √ᾱ ε − √(1 − ᾱ) c, with ε from the parent."""
+
+    def forward(self, xt, t, labels=None):
+        ab = self.ab[t].view(-1, 1, 1, 1)
+        eps = super().forward(xt, t, labels)
+        target = (xt - (1 - ab).sqrt() * eps) / ab.sqrt()
+        return ab.sqrt() * eps - (1 - ab).sqrt() * target
+
+
+@pytest.mark.parametrize("sampler_name,steps", [("ddpm", 1000), ("ddim", 50), ("dpmpp2m", 10), ("dpmpp2m", 1)])
+def test_samplers_recover_a_point_mass_from_a_v_network(sampler_name, steps):
+    # Unclipped (make_sampler clips only for ε), so the point mass must come from the math.
+    schedule = make_schedule("linear", 1000)
+    sampler = make_sampler(sampler_name, schedule, steps, 0.0, "v")
+    assert not sampler.clip_x0
+    out = sample(ConstantDataV(schedule, 0.4), sampler, (4, 1, 3, 3), torch.Generator().manual_seed(0))
+    assert torch.allclose(out, torch.full_like(out, 0.4), atol=1e-4)
+
+
+
 def test_ddim_with_eta_one_over_all_steps_is_ddpm():
     schedule = make_schedule("linear", 1000)
     torch.manual_seed(0)
