@@ -49,6 +49,10 @@ def render_report(
         (f"FID floor ({n} real training images)", f"{floor:.3f}", "what a perfect model scores at this N"),
         ("conditional accuracy", f"{metrics['cond_accuracy']:.4f}", "evaluator agrees with the requested class"),
         ("unconditional: largest class deviation", f"{metrics['uncond_max_class_deviation']:.4f}", "max |fraction − 0.1|"),
+        ("exact-zero pixels, unconditional / conditional", f"{metrics['zero_pixels_uncond']:.3f} / {metrics['zero_pixels_cond']:.3f}",
+         f"real test images: {metrics['zero_pixels_real']:.3f}"),
+        ("pixel-histogram TV distance, unconditional / conditional", f"{metrics['pixel_hist_tv_uncond']:.3f} / {metrics['pixel_hist_tv_cond']:.3f}",
+         "share of pixels whose value would have to change; 0 = the real histogram"),
         (f"evaluator accuracy ({DATASETS[dataset].title} test)", f"{evaluator_accuracy:.4f}", "the judge itself"),
     ]
     per_class = [

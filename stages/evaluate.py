@@ -1,5 +1,7 @@
 """Stage evaluate: FID on the evaluator's features, conditional accuracy, class spread.
 
+Also the share of exact-zero pixels of both sample sets beside the real test images, and
+the total-variation distance between their pixel-intensity histograms (ddpm_core.pixels).
 Compares data/samples/uncond.npz and cond.npz with the MNIST test set in the feature
 space of models/evaluator.pt (torchmetrics' FrechetInceptionDistance with that network
 as `feature=`; nothing is downloaded), beside the real-data floor: the FID of
@@ -18,6 +20,7 @@ from ddpm_core.data import load_images
 from ddpm_core.evaluation import Classifier, FeatureFID, evaluate_guidance_sweep, evaluate_samples, sweep_rows
 from ddpm_core.files import load_safe, write_text_atomic
 from ddpm_core.generation import load_samples, sweep_samples_path
+from ddpm_core.pixels import pixel_metrics
 
 SAMPLES = Path("data/samples")
 
@@ -38,6 +41,7 @@ def run(params):
             classifier, fid, real.images[: ep.num_samples],
             uncond, cond, cond_labels,
         )  # fmt: skip
+        metrics.update(pixel_metrics(uncond, cond, test.images[: ep.num_samples]))
         if sweep:
             metrics["guidance_sweep"] = evaluate_guidance_sweep(classifier, fid, real.images, sweep)
         write_text_atomic(Path("reports/metrics.json"), json.dumps(metrics, indent=2) + "\n")
@@ -46,6 +50,11 @@ def run(params):
     print(
         f"evaluate: FID uncond {metrics['fid_uncond']:.2f}, cond {metrics['fid_cond']:.2f} "
         f"(real floor {metrics['fid_floor']:.2f}); conditional accuracy {metrics['cond_accuracy']:.4f}"
+    )
+    print(
+        f"evaluate: exact-zero pixels uncond {metrics['zero_pixels_uncond']:.1%}, cond {metrics['zero_pixels_cond']:.1%} "
+        f"(real {metrics['zero_pixels_real']:.1%}); histogram TV uncond {metrics['pixel_hist_tv_uncond']:.3f}, "
+        f"cond {metrics['pixel_hist_tv_cond']:.3f}"
     )
     for row in sweep_rows(metrics):
         print(f"evaluate: guidance {row['guidance']:g}: accuracy {row['cond_accuracy']:.4f}, FID {row['fid']:.2f}")
