@@ -7,7 +7,8 @@ Takes params.yaml, applies the `key=value` overrides (YAML values, dotted keys a
 `dvc exp run -S`), trains the models named by --models (the conditional one by
 default) on the MNIST in data/ (`dvc repro fetch_data train_evaluator` puts it and the
 evaluator there), then draws `evaluate.num_samples` images per `sampler:steps:guidance`
-and scores them with models/evaluator.pt exactly as the evaluate stage does. Prints one
+and scores them with models/evaluator.pt and models/evaluator_alt.pt (FID in both judges'
+spaces, each beside its floor) as the evaluate stage does. Prints one
 row per sampler setting and appends it to benchmarks/sweep.csv. Trained weights are kept
 in benchmarks/.cache/, so scoring more sampler settings of the same training setting
 does not train again. Wall times are those of this process: keep the machine otherwise idle.
@@ -33,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from ddpm_core import hardware  # noqa: E402
 from ddpm_core.config import parse_params  # noqa: E402
 from ddpm_core.data import NUM_CLASSES, load_images  # noqa: E402
-from ddpm_core.evaluation import Classifier, FeatureFID, accuracy, predict  # noqa: E402
+from ddpm_core.evaluation import FeatureFID, accuracy, load_classifier, predict  # noqa: E402
 from ddpm_core.files import load_safe, save_atomic  # noqa: E402
 from ddpm_core.generation import balanced_labels, generate, save_samples  # noqa: E402
 from ddpm_core.samplers import make_sampler  # noqa: E402
@@ -66,12 +67,13 @@ def main() -> None:
     device = hardware.pick_device()
     data_dir, dataset = ROOT / "data" / "dataset", params.data.dataset
     train = load_images(data_dir, dataset, train=True, subset=params.data.train_subset)
-    classifier = Classifier()
-    classifier.load_state_dict(load_safe(ROOT / "models/evaluator.pt"))
-    classifier.eval()
-    fid = FeatureFID(classifier, load_images(data_dir, dataset, train=False).images)
+    classifier = load_classifier(ROOT / "models/evaluator.pt", "vgg")
+    judge_alt = load_classifier(ROOT / "models/evaluator_alt.pt", "residual")
+    test_images = load_images(data_dir, dataset, train=False).images
+    fid, fid_alt = FeatureFID(classifier, test_images), FeatureFID(judge_alt, test_images)
     n = params.evaluate.num_samples
-    floor = fid.score(load_images(data_dir, dataset, train=True, subset=n).images)
+    real = load_images(data_dir, dataset, train=True, subset=n).images
+    floor, floor_alt = fid.score(real), fid_alt.score(real)
     schedule = make_schedule(params.diffusion.schedule, params.diffusion.timesteps)
     autocast = hardware.sampling_autocast(device)
 
@@ -103,11 +105,12 @@ def main() -> None:
             samples_dir = CACHE / "samples"
             samples_dir.mkdir(parents=True, exist_ok=True)
             save_samples(samples_dir / f"{cached.stem}_{spec.replace(':', '_')}.npz", images, labels)
-            score = fid.score(images)
+            score, score_alt = fid.score(images), fid_alt.score(images)
             row = {
                 "setting": setting, "model": kind, "sampler": spec, "train_s": round(trained["train_s"]), "train_img_s": round(trained["images_per_s"]),
                 "last_epoch_loss": round(trained["final_loss"], 4), "sample_img_s": round(n / sample_s, 1),
                 "fid": round(score, 2), "floor": round(floor, 2), "fid_over_floor": round(score / floor, 2),
+                "fid_alt": round(score_alt, 2), "floor_alt": round(floor_alt, 2), "fid_alt_over_floor": round(score_alt / floor_alt, 2),
                 "zero_pixels": round((images == 0).float().mean().item(), 3), "samples": f"{cached.stem}_{spec.replace(':', '_')}.npz",
                 "accuracy": round(accuracy(predict(classifier, images), labels)[0], 4) if conditional else None,
             }  # fmt: skip

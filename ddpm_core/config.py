@@ -106,6 +106,7 @@ class Params(_Section):
     sample: SampleParams
     evaluate: EvaluateParams
     evaluator: EvaluatorParams
+    evaluator_alt: EvaluatorParams  # the second judge (evaluation.ResidualClassifier), built apart
 
 
 def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:

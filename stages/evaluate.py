@@ -1,4 +1,7 @@
-"""Stage evaluate: FID on the evaluator's features, conditional accuracy, class spread.
+"""Stage evaluate: FID in two judges' feature spaces, conditional accuracy, class spread.
+
+The second judge (models/evaluator_alt.pt, another architecture and seed) gives every
+FID a second opinion: `fid_alt_*` beside its own floor, and its own accuracy.
 
 Also the share of exact-zero pixels of both sample sets beside the real test images, and
 the total-variation distance between their pixel-intensity histograms (ddpm_core.pixels).
@@ -17,8 +20,8 @@ from pathlib import Path
 
 import common
 from ddpm_core.data import load_images
-from ddpm_core.evaluation import Classifier, FeatureFID, evaluate_guidance_sweep, evaluate_samples, sweep_rows
-from ddpm_core.files import load_safe, write_text_atomic
+from ddpm_core.evaluation import FeatureFID, evaluate_guidance_sweep, evaluate_samples, load_classifier, second_opinion, sweep_rows
+from ddpm_core.files import write_text_atomic
 from ddpm_core.generation import load_samples, sweep_samples_path
 from ddpm_core.pixels import pixel_metrics
 
@@ -26,9 +29,8 @@ SAMPLES = Path("data/samples")
 
 
 def run(params):
-    classifier = Classifier()
-    classifier.load_state_dict(load_safe(Path("models/evaluator.pt")))
-    classifier.eval()
+    classifier = load_classifier(Path("models/evaluator.pt"), "vgg")
+    judge_alt = load_classifier(Path("models/evaluator_alt.pt"), "residual")
     test = load_images(common.DATA, params.data.dataset, train=False)
     ep = params.evaluate
     real = load_images(common.DATA, params.data.dataset, train=True, subset=max(ep.num_samples, ep.sweep_samples))
@@ -36,20 +38,25 @@ def run(params):
     cond, cond_labels = load_samples(SAMPLES / "cond.npz")
     sweep = {w: load_samples(sweep_samples_path(SAMPLES, w)) for w in ep.guidance_sweep}
     with common.stage_run("evaluate", params) as run:
-        fid = FeatureFID(classifier, test.images)
+        fid, fid_alt = FeatureFID(classifier, test.images), FeatureFID(judge_alt, test.images)
         metrics = evaluate_samples(
             classifier, fid, real.images[: ep.num_samples],
             uncond, cond, cond_labels,
         )  # fmt: skip
+        metrics.update(second_opinion(judge_alt, fid_alt, real.images[: ep.num_samples], uncond, cond, cond_labels))
         metrics.update(pixel_metrics(uncond, cond, test.images[: ep.num_samples]))
         if sweep:
-            metrics["guidance_sweep"] = evaluate_guidance_sweep(classifier, fid, real.images, sweep)
+            metrics["guidance_sweep"] = evaluate_guidance_sweep(classifier, fid, real.images, sweep, fid_alt)
         write_text_atomic(Path("reports/metrics.json"), json.dumps(metrics, indent=2) + "\n")
         run.log_metrics(metrics)
         run.log_parent_metrics(metrics)
     print(
         f"evaluate: FID uncond {metrics['fid_uncond']:.2f}, cond {metrics['fid_cond']:.2f} "
         f"(real floor {metrics['fid_floor']:.2f}); conditional accuracy {metrics['cond_accuracy']:.4f}"
+    )
+    print(
+        f"evaluate: second judge: FID uncond {metrics['fid_alt_uncond']:.2f}, cond {metrics['fid_alt_cond']:.2f} "
+        f"(real floor {metrics['fid_alt_floor']:.2f}); conditional accuracy {metrics['cond_accuracy_alt']:.4f}"
     )
     print(
         f"evaluate: exact-zero pixels uncond {metrics['zero_pixels_uncond']:.1%}, cond {metrics['zero_pixels_cond']:.1%} "

@@ -1,9 +1,11 @@
-"""Stage train_evaluator: the classifier that judges generated images.
+"""Stage train_evaluator: the two classifiers that judge generated images.
 
-Trains on the training set of `data.dataset` (MNIST or Fashion-MNIST) with its own seed (`evaluator.seed`), reports its
-accuracy on the real test set, and writes models/evaluator.pt (a state_dict) and
-reports/evaluator.json. Its 128-d penultimate layer is the feature space of FID. It
-depends only on the data and the `evaluator` params, so DVC reuses it across experiments.
+Trains both on the training set of `data.dataset` (MNIST or Fashion-MNIST), each with its
+own seed: the VGG-style evaluator (`evaluator` params, models/evaluator.pt, whose 128-d
+penultimate layer is the main FID space) and the residual second judge (`evaluator_alt`
+params, models/evaluator_alt.pt, 256-d features: the second FID space). Reports their
+accuracy on the real test set in reports/evaluator.json. The stage depends only on the
+data and those params, so DVC reuses it across experiments.
 """
 
 import argparse
@@ -18,19 +20,24 @@ from ddpm_core.files import save_atomic, write_text_atomic
 
 
 def run(params):
-    ep = params.evaluator
     device = hardware.pick_device()
-    train = load_images(common.DATA, params.data.dataset, train=True, subset=ep.train_subset)
     test = load_images(common.DATA, params.data.dataset, train=False)
+    summary = {}
     with common.stage_run("train_evaluator", params) as run:
-        classifier = train_classifier(train, ep.epochs, ep.batch_size, ep.lr, ep.seed, device)
-        test_accuracy, per_class = accuracy(predict(classifier, test.images), test.labels)
-        save_atomic({k: v.cpu() for k, v in classifier.state_dict().items()}, Path("models/evaluator.pt"))
-        summary = {"test_accuracy": test_accuracy, "test_accuracy_per_class": {str(k): v for k, v in per_class.items()}}
+        for architecture, ep, out, key in (
+            ("vgg", params.evaluator, Path("models/evaluator.pt"), "test_accuracy"),
+            ("residual", params.evaluator_alt, Path("models/evaluator_alt.pt"), "alt_test_accuracy"),
+        ):
+            train = load_images(common.DATA, params.data.dataset, train=True, subset=ep.train_subset)
+            classifier = train_classifier(train, ep.epochs, ep.batch_size, ep.lr, ep.seed, device, architecture)
+            test_accuracy, per_class = accuracy(predict(classifier, test.images), test.labels)
+            save_atomic({k: v.cpu() for k, v in classifier.state_dict().items()}, out)
+            summary[key] = test_accuracy
+            summary[f"{key}_per_class"] = {str(k): v for k, v in per_class.items()}
+            run.log_metrics({key: test_accuracy, **{f"{key}_class_{k}": v for k, v in per_class.items()}})
+            run.log_artifact(out, "checkpoint")
+            print(f"train_evaluator: {architecture} judge, test accuracy {test_accuracy:.4f}", flush=True)
         write_text_atomic(Path("reports/evaluator.json"), json.dumps(summary, indent=2) + "\n")
-        run.log_metrics({"test_accuracy": test_accuracy, **{f"test_accuracy_class_{k}": v for k, v in per_class.items()}})
-        run.log_artifact(Path("models/evaluator.pt"), "checkpoint")
-    print(f"train_evaluator: test accuracy {test_accuracy:.4f}")
 
 
 if __name__ == "__main__":

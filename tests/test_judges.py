@@ -1,0 +1,67 @@
+"""Controls for the two FID feature spaces: trained judges, real MNIST, known answers.
+
+Each judge is trained here as the train_evaluator stage trains it (on fewer images, to
+keep the suite fast), then FID is checked where its answer is known: real images land at
+the floor, another writer population scores worse, damaged digits score far worse.
+"""
+
+import pytest
+import torch
+from torchvision.transforms.functional import gaussian_blur
+
+from ddpm_core.data import load_images
+from ddpm_core.evaluation import FeatureFID, accuracy, predict, train_classifier
+
+JUDGES = ("vgg", "residual")
+
+
+@pytest.fixture(scope="module")
+def mnist(mnist_root):
+    return load_images(mnist_root, "mnist", train=True), load_images(mnist_root, "mnist", train=False)
+
+
+@pytest.fixture(scope="module")
+def judges(mnist):
+    train, _ = mnist
+    subset = type(train)(train.images[:12_000], train.labels[:12_000])
+    return {arch: train_classifier(subset, 1, 128, 3e-3, seed, torch.device("cpu"), arch) for seed, arch in enumerate(JUDGES)}
+
+
+@pytest.mark.parametrize("arch", JUDGES)
+def test_each_judge_classifies_real_digits(judges, mnist, arch):
+    _, test = mnist
+    acc, _ = accuracy(predict(judges[arch], test.images), test.labels)
+    assert acc > 0.97
+
+
+@pytest.mark.parametrize("arch", JUDGES)
+def test_real_images_land_at_the_floor(judges, mnist, arch):
+    train, test = mnist
+    fid = FeatureFID(judges[arch], test.images)
+    floor = fid.score(train.images[:1000])
+    held_out = fid.score(train.images[30_000:31_000])  # never seen by the judge either
+    assert 0.6 < held_out / floor < 1.6
+
+
+@pytest.mark.parametrize("arch", JUDGES)
+def test_another_writer_population_scores_worse(judges, mnist, arch):
+    # MNIST's test set: the first 5,000 digits come from NIST's SD-3 (Census Bureau staff),
+    # the last 5,000 from SD-1 (high-school students). Against SD-3, SD-3 digits are closer.
+    _, test = mnist
+    fid = FeatureFID(judges[arch], test.images[:4000])
+    same = fid.score(test.images[4000:5000])
+    other = fid.score(test.images[5000:6000])
+    assert other > 1.3 * same
+
+
+@pytest.mark.parametrize("arch", JUDGES)
+def test_noised_and_blurred_digits_score_clearly_worse(judges, mnist, arch):
+    train, test = mnist
+    fid = FeatureFID(judges[arch], test.images)
+    clean = train.images[:1000]
+    floor = fid.score(clean)
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
+    noised = (clean.float() + 0.2 * 255 * noise).clamp(0, 255).to(torch.uint8)
+    blurred = gaussian_blur(clean.float(), kernel_size=5, sigma=1.5).round().to(torch.uint8)
+    assert fid.score(noised) > 3 * floor
+    assert fid.score(blurred) > 3 * floor
