@@ -229,13 +229,23 @@ def evaluate_samples(
     uncond_images: torch.Tensor,
     cond_images: torch.Tensor,
     cond_labels: torch.Tensor,
+    judge: str = "",
 ) -> dict:
     """FID of both sample sets against `fid`'s reference (the test set), beside the
     real-data floor (the FID of as many real training images); conditional accuracy; the
     unconditional class spread.
+
+    `judge="alt"` names the second judge's numbers: `fid_alt_*`, `cond_accuracy_alt` and
+    `uncond_max_class_deviation_alt` (the per-class tables stay the first judge's).
     """
     cond_accuracy, per_class = accuracy(predict(classifier, cond_images), cond_labels)
     histogram, max_deviation = class_histogram(predict(classifier, uncond_images))
+    if judge:
+        return {
+            **fid_beside_floor(fid, train_images, uncond_images, cond_images, f"fid_{judge}"),
+            f"cond_accuracy_{judge}": cond_accuracy,
+            f"uncond_max_class_deviation_{judge}": max_deviation,
+        }
     return {
         "num_samples": len(cond_labels),
         **fid_beside_floor(fid, train_images, uncond_images, cond_images, "fid"),
@@ -243,25 +253,6 @@ def evaluate_samples(
         "cond_accuracy_per_class": {str(c): a for c, a in per_class.items()},
         "uncond_class_fractions": {str(c): f for c, f in enumerate(histogram)},
         "uncond_max_class_deviation": max_deviation,
-    }
-
-
-def second_opinion(
-    classifier: nn.Module,
-    fid: FeatureFID,
-    train_images: torch.Tensor,
-    uncond_images: torch.Tensor,
-    cond_images: torch.Tensor,
-    cond_labels: torch.Tensor,
-) -> dict:
-    """The second judge's numbers, keys ending or starting in `alt`: its FID beside its
-    floor (`fid_alt_*`), its conditional accuracy and its unconditional class spread."""
-    cond_accuracy, _ = accuracy(predict(classifier, cond_images), cond_labels)
-    _, max_deviation = class_histogram(predict(classifier, uncond_images))
-    return {
-        **fid_beside_floor(fid, train_images, uncond_images, cond_images, "fid_alt"),
-        "cond_accuracy_alt": cond_accuracy,
-        "uncond_max_class_deviation_alt": max_deviation,
     }
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import common
 from ddpm_core.data import load_images
-from ddpm_core.evaluation import FeatureFID, evaluate_guidance_sweep, evaluate_samples, load_classifier, second_opinion, sweep_rows
+from ddpm_core.evaluation import FeatureFID, evaluate_guidance_sweep, evaluate_samples, load_classifier, sweep_rows
 from ddpm_core.files import write_text_atomic
 from ddpm_core.generation import load_samples, sweep_samples_path
 from ddpm_core.pixels import pixel_metrics
@@ -43,7 +43,7 @@ def run(params):
             classifier, fid, real.images[: ep.num_samples],
             uncond, cond, cond_labels,
         )  # fmt: skip
-        metrics.update(second_opinion(judge_alt, fid_alt, real.images[: ep.num_samples], uncond, cond, cond_labels))
+        metrics.update(evaluate_samples(judge_alt, fid_alt, real.images[: ep.num_samples], uncond, cond, cond_labels, judge="alt"))
         metrics.update(pixel_metrics(uncond, cond, test.images[: ep.num_samples]))
         if sweep:
             metrics["guidance_sweep"] = evaluate_guidance_sweep(classifier, fid, real.images, sweep, fid_alt)
