@@ -20,6 +20,9 @@ METRICS = {
     "num_samples", "fid_floor", "fid_uncond", "fid_cond", "fid_uncond_over_floor", "fid_cond_over_floor",
     "cond_accuracy", "cond_accuracy_per_class", "uncond_class_fractions", "uncond_max_class_deviation",
     "guidance_sweep",
+    "fid_alt_floor", "fid_alt_uncond", "fid_alt_cond", "fid_alt_uncond_over_floor", "fid_alt_cond_over_floor",
+    "cond_accuracy_alt", "uncond_max_class_deviation_alt",
+    "zero_pixels_uncond", "zero_pixels_cond", "zero_pixels_real", "pixel_hist_tv_uncond", "pixel_hist_tv_cond",
 }  # fmt: skip
 
 
@@ -79,6 +82,11 @@ def test_repro_lands_outputs_metrics_and_one_parent_run(tiny_pipeline, tmp_path)
     assert set(metrics) == METRICS
     assert metrics["num_samples"] == n and 0 <= metrics["cond_accuracy"] <= 1
     assert sum(metrics["uncond_class_fractions"].values()) == pytest.approx(1.0)
+    # The second judge scores the same samples in its own space, beside its own floor.
+    assert metrics["fid_alt_cond_over_floor"] == pytest.approx(metrics["fid_alt_cond"] / metrics["fid_alt_floor"])
+    assert 0 <= metrics["cond_accuracy_alt"] <= 1
+    # The real test images' background is mostly exact black; no histogram is farther than 1.
+    assert metrics["zero_pixels_real"] > 0.75 and 0 <= metrics["pixel_hist_tv_uncond"] <= 1
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], project_clone).stdout)
     assert shown[""]["data"]["reports/metrics.json"]["data"]["fid_cond"] == pytest.approx(metrics["fid_cond"])
     assert parent_runs(client)[0].data.metrics["fid_cond"] == pytest.approx(metrics["fid_cond"])
@@ -87,7 +95,7 @@ def test_repro_lands_outputs_metrics_and_one_parent_run(tiny_pipeline, tmp_path)
     assert {"figures/loss.png", "figures/samples.png", "figures/per_class_accuracy.png"} <= figures
     # The guidance sweep: its own samples, scores, table, figure and MLflow metrics.
     sweep = metrics["guidance_sweep"]
-    assert set(sweep) == {"num_samples", "fid_floor", "w0", "w3"} and sweep["num_samples"] == params["evaluate"]["sweep_samples"]
+    assert set(sweep) == {"num_samples", "fid_floor", "fid_alt_floor", "w0", "w3"} and sweep["num_samples"] == params["evaluate"]["sweep_samples"]
     with np.load(project_clone / "data" / "samples" / "sweep" / "guidance_3.npz") as f:
         assert f["images"].shape == (sweep["num_samples"], 28, 28)
     table = list(csv.DictReader((project_clone / "reports" / "guidance_sweep.csv").open()))
