@@ -79,7 +79,7 @@ def test_pack_then_verify_passes(reproduced, tmp_path):
     assert set(manifest) == files - {"manifest.json"}
     assert {"checksums.json", "environment.json", "reports/report.md", "reports/figures/samples.png"} <= set(manifest)
     assert not any(n.startswith(("code/models/", "code/data/dataset")) for n in files)
-    assert checksums == {f"models/{m}.pt": sha256_file(reproduced / "models" / f"{m}.pt") for m in ("cond", "evaluator", "uncond")}
+    assert checksums == {f"models/{m}.pt": sha256_file(reproduced / "models" / f"{m}.pt") for m in ("cond", "evaluator", "evaluator_alt", "uncond")}
     assert environment["torch"] and environment["params.yaml.sha256"] == sha256_file(reproduced / "params.yaml")
 
     # The rerun must not log to the caller's MLflow store.
