@@ -30,6 +30,7 @@ TINY = {
     "sample": {"steps": 5, "batch_size": 100},
     "evaluate": {"num_samples": 20, "guidance_sweep": [0, 3], "sweep_samples": 10},
     "evaluator": {"epochs": 1, "train_subset": 1000},
+    "evaluator_alt": {"epochs": 1, "train_subset": 1000},
 }
 
 
