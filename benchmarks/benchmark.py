@@ -9,7 +9,7 @@ The header names the CPU, the flags that decide the path (AVX2, AVX-512, native 
 and the precision and memory layout the pipeline takes on this machine.
 
 Training rows: images/s and peak memory of one optimisation step as the pipeline takes
-it (ddpm_core.train.train_step: ε-loss, AdamW, clipping, EMA) for this project's U-Net
+it (ddpm_core.train.train_step: the pipeline's loss, AdamW, clipping, EMA) for this project's U-Net
 (`model` in params.yaml) and for a diffusers UNet2DModel with the same widths, blocks per
 level and attention at the lowest resolution, both class-conditional, in fp32 and under
 bf16 autocast. Sampling rows: images/s of each sampler and step count at the pipeline's
