@@ -16,6 +16,7 @@ apart: `Classifier` (VGG-style, BatchNorm, a BatchNorm-ed 128-d bottleneck) and
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ from tqdm import tqdm
 
 from ddpm_core.data import NUM_CLASSES, ImageSet
 from ddpm_core.files import load_safe
+from ddpm_core.pixels import histogram_tv, zero_share
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
@@ -207,19 +209,17 @@ class FeatureFID:
         return max(0.0, self.metric.compute().item())
 
 
-def fid_beside_floor(fid: FeatureFID, train_images: torch.Tensor, uncond_images: torch.Tensor, cond_images: torch.Tensor, prefix: str) -> dict:
-    """`{prefix}_floor`, `{prefix}_uncond`, `{prefix}_cond` and the two `…_over_floor` ratios:
-    FID of both sample sets against `fid`'s reference, beside the real-data floor (the FID
-    of as many real training images)."""
-    floor = fid.score(train_images)
-    fid_uncond, fid_cond = fid.score(uncond_images), fid.score(cond_images)
-    return {
-        f"{prefix}_floor": floor,
-        f"{prefix}_uncond": fid_uncond,
-        f"{prefix}_cond": fid_cond,
-        f"{prefix}_uncond_over_floor": fid_uncond / floor,
-        f"{prefix}_cond_over_floor": fid_cond / floor,
-    }
+def judge_images(classifier: nn.Module, fid: FeatureFID, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+    """One judge's view of one set of uint8 images: `fid` (against `fid`'s reference), the
+    predicted classes' `class_fractions` and `max_class_deviation` (largest |fraction − 1/10|),
+    and with `labels`, `accuracy` and `accuracy_per_class` (the judge agrees with the label).
+    The evaluate stage (through `evaluate_samples`) and `SampleScorer` both score this way."""
+    predicted = predict(classifier, images)
+    fractions, max_deviation = class_histogram(predicted)
+    seen = {"fid": fid.score(images), "class_fractions": fractions, "max_class_deviation": max_deviation}
+    if labels is not None:
+        seen["accuracy"], seen["accuracy_per_class"] = accuracy(predicted, labels)
+    return seen
 
 
 def evaluate_samples(
@@ -238,21 +238,30 @@ def evaluate_samples(
     `judge="alt"` names the second judge's numbers: `fid_alt_*`, `cond_accuracy_alt` and
     `uncond_max_class_deviation_alt` (the per-class tables stay the first judge's).
     """
-    cond_accuracy, per_class = accuracy(predict(classifier, cond_images), cond_labels)
-    histogram, max_deviation = class_histogram(predict(classifier, uncond_images))
+    prefix = f"fid_{judge}" if judge else "fid"
+    floor = fid.score(train_images)
+    uncond = judge_images(classifier, fid, uncond_images)
+    cond = judge_images(classifier, fid, cond_images, cond_labels)
+    fids = {
+        f"{prefix}_floor": floor,
+        f"{prefix}_uncond": uncond["fid"],
+        f"{prefix}_cond": cond["fid"],
+        f"{prefix}_uncond_over_floor": uncond["fid"] / floor,
+        f"{prefix}_cond_over_floor": cond["fid"] / floor,
+    }
     if judge:
         return {
-            **fid_beside_floor(fid, train_images, uncond_images, cond_images, f"fid_{judge}"),
-            f"cond_accuracy_{judge}": cond_accuracy,
-            f"uncond_max_class_deviation_{judge}": max_deviation,
+            **fids,
+            f"cond_accuracy_{judge}": cond["accuracy"],
+            f"uncond_max_class_deviation_{judge}": uncond["max_class_deviation"],
         }
     return {
         "num_samples": len(cond_labels),
-        **fid_beside_floor(fid, train_images, uncond_images, cond_images, "fid"),
-        "cond_accuracy": cond_accuracy,
-        "cond_accuracy_per_class": {str(c): a for c, a in per_class.items()},
-        "uncond_class_fractions": {str(c): f for c, f in enumerate(histogram)},
-        "uncond_max_class_deviation": max_deviation,
+        **fids,
+        "cond_accuracy": cond["accuracy"],
+        "cond_accuracy_per_class": {str(c): a for c, a in cond["accuracy_per_class"].items()},
+        "uncond_class_fractions": {str(c): f for c, f in enumerate(uncond["class_fractions"])},
+        "uncond_max_class_deviation": uncond["max_class_deviation"],
     }
 
 
@@ -261,6 +270,61 @@ def load_classifier(path, architecture: str, device: torch.device | str = "cpu")
     model = ARCHITECTURES[architecture]()
     model.load_state_dict(load_safe(path))
     return model.to(device).eval()
+
+
+# The two judges as the train_evaluator stage writes them: metrics-key suffix → (file, architecture).
+JUDGES = {"": ("evaluator.pt", "vgg"), "alt": ("evaluator_alt.pt", "residual")}
+
+
+def load_judges(models_dir: Path, device: torch.device | str = "cpu") -> dict[str, nn.Module]:
+    """Both trained judges from `models_dir`, keyed as `JUDGES` ("" and "alt")."""
+    return {name: load_classifier(Path(models_dir) / file, arch, device) for name, (file, arch) in JUDGES.items()}
+
+
+class SampleScorer:
+    """Scores any set of uint8 images (N, 1, 28, 28) as the evaluate stage scores its samples:
+    in each judge's space, FID against the real test images beside the floor for N (the FID
+    of the first N real training images, cached per N), the class spread and, with labels,
+    the accuracy; and the pixel statistics against the first N test images, as the stage
+    takes them (ddpm_core.pixels). For benchmarks/score.py: any .npz of `save_samples`.
+
+    Keys of `score()` (judge "alt" adds `_alt` after the first word): num_samples, fid,
+    fid_floor, fid_over_floor, max_class_deviation, accuracy (with labels); zero_pixels,
+    zero_pixels_real, pixel_hist_tv, and pixel_hist_tv_floor (the same TV distance for the
+    N real training images: what real digits score).
+    """
+
+    def __init__(self, judges: dict[str, nn.Module], test_images: torch.Tensor, train_images: torch.Tensor):
+        self.judges = judges
+        self.fids = {name: FeatureFID(classifier, test_images) for name, classifier in judges.items()}
+        self.test_images, self.train_images = test_images, train_images
+        self._floors: dict[int, dict[str, float]] = {}
+
+    def floors(self, n: int) -> dict[str, float]:
+        """{judge: FID of the first `n` real training images}."""
+        if n not in self._floors:
+            self._floors[n] = {name: fid.score(self.train_images[:n]) for name, fid in self.fids.items()}
+        return self._floors[n]
+
+    def score(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        n = len(images)
+        scores: dict = {"num_samples": n}
+        for name, classifier in self.judges.items():
+            suffix = f"_{name}" if name else ""
+            seen = judge_images(classifier, self.fids[name], images, labels)
+            floor = self.floors(n)[name]
+            scores[f"fid{suffix}"] = seen["fid"]
+            scores[f"fid{suffix}_floor"] = floor
+            scores[f"fid{suffix}_over_floor"] = seen["fid"] / floor
+            scores[f"max_class_deviation{suffix}"] = seen["max_class_deviation"]
+            if labels is not None:
+                scores[f"accuracy{suffix}"] = seen["accuracy"]
+        real = self.test_images[:n]
+        scores["zero_pixels"] = zero_share(images)
+        scores["zero_pixels_real"] = zero_share(real)
+        scores["pixel_hist_tv"] = histogram_tv(images, real)
+        scores["pixel_hist_tv_floor"] = histogram_tv(self.train_images[:n], real)
+        return scores
 
 
 def sweep_key(guidance: float) -> str:
