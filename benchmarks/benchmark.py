@@ -112,7 +112,7 @@ def measure_training(spec: dict, params, device) -> dict:
 def measure_sampling(spec: dict, params, device) -> dict:
     model = hardware.place_model(build_unet(params.model, NUM_CLASSES), device, spec["precision"]).eval().requires_grad_(False)
     schedule = make_schedule(params.diffusion.schedule, params.diffusion.timesteps)
-    sampler = make_sampler(spec["sampler"], schedule, spec["steps"], 0.0, params.diffusion.prediction)
+    sampler = make_sampler(spec["sampler"], schedule, spec["steps"], 0.0, params.diffusion.prediction, offset_noise=params.diffusion.offset_noise)
     total_steps = len(sampler.timesteps)
     if spec["timed_steps"] < total_steps:
         sampler.timesteps = sampler.timesteps[: spec["timed_steps"]]  # each step costs the same
@@ -120,7 +120,7 @@ def measure_sampling(spec: dict, params, device) -> dict:
     bs = params.sample.batch_size
     labels = torch.arange(bs) % NUM_CLASSES
     generator = torch.Generator().manual_seed(0)
-    sample(model, make_sampler("ddim", schedule, 1, 0.0, params.diffusion.prediction), (bs, 1, 28, 28), generator, labels, spec["guidance"], device, autocast)
+    sample(model, make_sampler("ddim", schedule, 1, 0.0, params.diffusion.prediction, offset_noise=params.diffusion.offset_noise), (bs, 1, 28, 28), generator, labels, spec["guidance"], device, autocast)
     started = time.perf_counter()
     sample(model, sampler, (bs, 1, 28, 28), generator, labels, spec["guidance"], device, autocast)
     seconds = (time.perf_counter() - started) * total_steps / len(sampler.timesteps)

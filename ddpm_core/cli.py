@@ -143,8 +143,9 @@ def _load_model(run_id: str | None, kind: str, device: torch.device) -> tuple[to
         path, logged = tracking.checkpoint_from_run(Path.cwd(), run_id, kind, Path(tmp))
         try:
             model_params = ModelParams.model_validate(_section(logged, "model"))
-            # runs from before v-prediction did not log diffusion.prediction: they predicted ε
-            diffusion = DiffusionParams.model_validate({"prediction": "eps", **_section(logged, "diffusion")})
+            # runs from before v-prediction did not log diffusion.prediction (they predicted ε),
+            # nor those from before offset noise diffusion.offset_noise (they had none)
+            diffusion = DiffusionParams.model_validate({"prediction": "eps", "offset_noise": 0.0, **_section(logged, "diffusion")})
         except ValidationError as exc:
             raise TrackingError(f"MLflow run {run_id}: its logged model/diffusion params are unusable ({exc.errors()[0]['msg']})") from None
         dataset = logged.get("data.dataset", "mnist")  # runs from before Fashion-MNIST did not log it
@@ -178,7 +179,7 @@ def generate(args: argparse.Namespace) -> None:
         classes = _classes(args, dataset)
     if sampler_name != "ddpm" and steps > diffusion.timesteps:
         raise UsageError(f"--steps {steps}: the model has {diffusion.timesteps} diffusion timesteps, steps can't exceed that")
-    sampler = make_sampler(sampler_name, make_schedule(diffusion.schedule, diffusion.timesteps), steps, defaults["eta"], diffusion.prediction)
+    sampler = make_sampler(sampler_name, make_schedule(diffusion.schedule, diffusion.timesteps), steps, defaults["eta"], diffusion.prediction, offset_noise=diffusion.offset_noise)
 
     labels = torch.tensor(classes).repeat_interleave(args.n) if classes else None
     count = len(labels) if labels is not None else args.n

@@ -29,6 +29,7 @@ class DiffusionParams(_Section):
     timesteps: int = Field(ge=2)
     schedule: Literal["linear", "cosine"]
     prediction: Literal["eps", "v"]  # what the network outputs: the noise ε or v = α ε − σ x_0
+    offset_noise: float = Field(ge=0.0, le=1.0)  # std of a per-image noise shift (diffusion.draw_noise)
 
 
 class ModelParams(_Section):

@@ -22,6 +22,23 @@ def _per_sample(values: torch.Tensor, index: torch.Tensor, like: torch.Tensor) -
     return gathered.view(-1, *([1] * (like.dim() - 1)))
 
 
+def draw_noise(shape: tuple[int, ...], generator: torch.Generator, offset: float = 0.0) -> torch.Tensor:
+    """The noise ε of the forward process, on the CPU: i.i.d. N(0, 1) per pixel, plus with
+    `offset` > 0 one N(0, offset²) shift per image and channel ("offset noise", Guttenberg
+    2023), so that ε ~ N(0, I + offset² 11ᵀ) within each image and channel.
+
+    Why: with i.i.d. noise the network never sees an image whose level as a whole is off,
+    and GroupNorm hides such a level from it, so it cannot remove one; a sampling path that
+    drifts a few grey levels at high noise keeps that grey background to the end
+    (docs/performance.md). With the shift in training it learns to take it out. At
+    offset 0 nothing more is drawn from `generator`: the same noise as before, byte for byte.
+    """
+    noise = torch.randn(shape, generator=generator)
+    if offset > 0:
+        noise = noise + offset * torch.randn((*shape[:2], *([1] * (len(shape) - 2))), generator=generator)
+    return noise
+
+
 def q_sample(schedule: NoiseSchedule, x0: torch.Tensor, index: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """x_t = √ᾱ_t · x_0 + √(1 − ᾱ_t) · ε, for each sample's own timestep index."""
     alpha_bar = _per_sample(schedule.alpha_bars, index, x0)
@@ -73,6 +90,7 @@ def diffusion_loss(
     generator: torch.Generator,
     prediction: str = "eps",
     min_snr_gamma: float | None = None,
+    offset_noise: float = 0.0,
 ) -> torch.Tensor:
     """‖target − net(x_t, t)‖², target ε (Ho et al.'s simple loss) or v, averaged over the
     batch, with t uniform over all T steps and each sample weighted by `min_snr_weights`
@@ -82,7 +100,7 @@ def diffusion_loss(
     on any device.
     """
     index = torch.randint(0, schedule.timesteps, (x0.shape[0],), generator=generator)
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    noise = draw_noise(tuple(x0.shape), generator, offset_noise).to(x0.device)
     t = index.to(x0.device)
     output = model(q_sample(schedule, x0, t, noise), t, labels).float()
     target = noise if prediction == "eps" else v_target(schedule, x0, t, noise)

@@ -19,7 +19,7 @@ from typing import Callable, ContextManager
 import torch
 from torch import nn
 
-from ddpm_core.diffusion import x0_and_eps
+from ddpm_core.diffusion import draw_noise, x0_and_eps
 from ddpm_core.schedule import NoiseSchedule
 
 
@@ -34,10 +34,11 @@ def _x0_and_eps(alpha_bar: torch.Tensor, xt: torch.Tensor, output: torch.Tensor,
 class DDPMSampler:
     """Ho et al. 2020, ancestral sampling over all T steps with σ_t² = β̃_t."""
 
-    def __init__(self, schedule: NoiseSchedule, clip_x0: bool = True, prediction: str = "eps"):
+    def __init__(self, schedule: NoiseSchedule, clip_x0: bool = True, prediction: str = "eps", offset_noise: float = 0.0):
         self.schedule = schedule
         self.clip_x0 = clip_x0
         self.prediction = prediction
+        self.offset_noise = offset_noise
         self.timesteps = torch.arange(schedule.timesteps - 1, -1, -1)
 
     def step(self, xt: torch.Tensor, output: torch.Tensor, i: int, noise: torch.Tensor) -> torch.Tensor:
@@ -64,10 +65,11 @@ def trailing_timesteps(timesteps: int, steps: int) -> torch.Tensor:
 class _FewStepSampler:
     """Shared by the samplers that visit a subset of the T timesteps."""
 
-    def __init__(self, schedule: NoiseSchedule, steps: int, clip_x0: bool = True, prediction: str = "eps"):
+    def __init__(self, schedule: NoiseSchedule, steps: int, clip_x0: bool = True, prediction: str = "eps", offset_noise: float = 0.0):
         self.schedule = schedule
         self.clip_x0 = clip_x0
         self.prediction = prediction
+        self.offset_noise = offset_noise
         self.timesteps = trailing_timesteps(schedule.timesteps, steps)
 
     def _alpha_bars(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,8 +81,8 @@ class _FewStepSampler:
 class DDIMSampler(_FewStepSampler):
     """Song et al. 2021 over trailing timesteps; η = 0 is deterministic."""
 
-    def __init__(self, schedule: NoiseSchedule, steps: int, eta: float = 0.0, clip_x0: bool = True, prediction: str = "eps"):
-        super().__init__(schedule, steps, clip_x0, prediction)
+    def __init__(self, schedule: NoiseSchedule, steps: int, eta: float = 0.0, clip_x0: bool = True, prediction: str = "eps", offset_noise: float = 0.0):
+        super().__init__(schedule, steps, clip_x0, prediction, offset_noise)
         self.eta = eta
 
     def step(self, xt: torch.Tensor, output: torch.Tensor, i: int, noise: torch.Tensor) -> torch.Tensor:
@@ -103,8 +105,8 @@ class DPMSolverPPSampler(_FewStepSampler):
     multistep, so it keeps the previous x̂_0 between the calls of one sampling loop.
     """
 
-    def __init__(self, schedule: NoiseSchedule, steps: int, clip_x0: bool = True, prediction: str = "eps"):
-        super().__init__(schedule, steps, clip_x0, prediction)
+    def __init__(self, schedule: NoiseSchedule, steps: int, clip_x0: bool = True, prediction: str = "eps", offset_noise: float = 0.0):
+        super().__init__(schedule, steps, clip_x0, prediction, offset_noise)
         self._previous: tuple[torch.Tensor, torch.Tensor] | None = None  # (x̂_0, h) of the last step
 
     def step(self, xt: torch.Tensor, output: torch.Tensor, i: int, noise: torch.Tensor) -> torch.Tensor:
@@ -134,8 +136,11 @@ def _log_snr(alpha_bar: torch.Tensor) -> torch.Tensor:
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
 
 
-def make_sampler(name: str, schedule: NoiseSchedule, steps: int, eta: float, prediction: str):
+def make_sampler(name: str, schedule: NoiseSchedule, steps: int, eta: float, prediction: str, *, offset_noise: float):
     """A sampler by its `sample.sampler` name; `steps` is ignored by DDPM (always T).
+
+    `offset_noise` is `diffusion.offset_noise`, the noise the network was trained against:
+    the initial x_T and any noise a stochastic step adds are drawn like it (`draw_noise`).
 
     `prediction` is `diffusion.prediction`, what the network was trained to output. x̂_0 is
     clipped to [−1, 1] at every step for ε only: there x̂_0 = (x_t − σ ε̂)/α divides the
@@ -146,11 +151,11 @@ def make_sampler(name: str, schedule: NoiseSchedule, steps: int, eta: float, pre
     """
     clip = prediction == "eps"
     if name == "ddpm":
-        return DDPMSampler(schedule, clip_x0=clip, prediction=prediction)
+        return DDPMSampler(schedule, clip_x0=clip, prediction=prediction, offset_noise=offset_noise)
     if name == "ddim":
-        return DDIMSampler(schedule, steps, eta, clip_x0=clip, prediction=prediction)
+        return DDIMSampler(schedule, steps, eta, clip_x0=clip, prediction=prediction, offset_noise=offset_noise)
     if name == "dpmpp2m":
-        return DPMSolverPPSampler(schedule, steps, clip_x0=clip, prediction=prediction)
+        return DPMSolverPPSampler(schedule, steps, clip_x0=clip, prediction=prediction, offset_noise=offset_noise)
     raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
 
 
@@ -191,7 +196,7 @@ def sample(
     initial noise (x0 None: nothing predicted yet), then after step k the new x and the
     clean image x̂_0 the model predicted at that step. It changes no result.
     """
-    x = torch.randn(shape, generator=generator).to(device)
+    x = draw_noise(shape, generator, sampler.offset_noise).to(device)
     labels = labels.to(device) if labels is not None else None
     if on_step is not None:
         on_step(0, x, None)
@@ -199,7 +204,7 @@ def sample(
         t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
         with autocast():
             output = guided_output(model, x, t_batch, labels, guidance).float()
-        noise = torch.randn(shape, generator=generator).to(device)
+        noise = draw_noise(shape, generator, sampler.offset_noise).to(device)
         x_next = sampler.step(x, output, i, noise)
         if on_step is not None:
             x0, _ = _x0_and_eps(sampler.schedule.alpha_bar_at(torch.tensor(t)), x, output, sampler.clip_x0, sampler.prediction)

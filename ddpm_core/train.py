@@ -90,14 +90,16 @@ class Optimization:
 
 @dataclass(frozen=True)
 class Objective:
-    """What the loss trains: the prediction target (ε or v) and its Min-SNR weighting."""
+    """What the loss trains: the prediction target (ε or v), its Min-SNR weighting, and the
+    noise it is trained against (`diffusion.offset_noise`)."""
 
     prediction: str
     min_snr_gamma: float | None
+    offset_noise: float
 
     @classmethod
     def of(cls, params: Params) -> Objective:
-        return cls(params.diffusion.prediction, params.train.min_snr_gamma)
+        return cls(params.diffusion.prediction, params.train.min_snr_gamma, params.diffusion.offset_noise)
 
 
 def train_step(
@@ -114,7 +116,7 @@ def train_step(
     `objective` (from `Objective.of(params)`) is required so that no caller (the
     benchmark, say) trains a different objective from the pipeline's by leaving it out."""
     with autocast():
-        loss = diffusion_loss(opt.model, schedule, x0, labels, generator, objective.prediction, objective.min_snr_gamma)
+        loss = diffusion_loss(opt.model, schedule, x0, labels, generator, objective.prediction, objective.min_snr_gamma, objective.offset_noise)
     opt.optimizer.zero_grad(set_to_none=True)
     opt.scaler.scale(loss).backward()
     opt.scaler.unscale_(opt.optimizer)
@@ -152,7 +154,7 @@ def run_fingerprint(params: Params, conditional: bool) -> str:
 def preview_grid(ema_model, params: Params, conditional: bool, device, autocast) -> np.ndarray:
     """A fixed-noise sample grid: the same seed every epoch, so grids show progress."""
     schedule = make_schedule(params.diffusion.schedule, params.diffusion.timesteps)
-    sampler = make_sampler("ddim", schedule, params.train.preview_steps, 0.0, params.diffusion.prediction)
+    sampler = make_sampler("ddim", schedule, params.train.preview_steps, 0.0, params.diffusion.prediction, offset_noise=params.diffusion.offset_noise)
     generator = torch.Generator().manual_seed(params.seed)
     if conditional:
         labels = torch.arange(NUM_CLASSES).repeat_interleave(PREVIEW_PER_CLASS)

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from ddpm_core.diffusion import diffusion_loss, min_snr_weights, predicted_x0, q_sample, v_target, x0_and_eps
+from ddpm_core.diffusion import diffusion_loss, draw_noise, min_snr_weights, predicted_x0, q_sample, v_target, x0_and_eps
 from ddpm_core.schedule import make_schedule
 
 
@@ -16,6 +16,21 @@ def test_forward_process_has_closed_form_mean_and_variance():
         ab = schedule.alpha_bars[t].item()
         assert abs(xt.mean().item() - ab**0.5 * 0.7) < 0.01
         assert abs(xt.var().item() - (1 - ab)) < 0.01
+
+
+def test_offset_noise_has_its_closed_form_covariance():
+    # ε = z + c·s, z per pixel and s per image and channel, all N(0, 1): Var ε = 1 + c²,
+    # Cov(two pixels of one image and channel) = c², and 0 across channels or images.
+    c, n = 0.5, 100_000
+    noise = draw_noise((n, 2, 3, 3), torch.Generator().manual_seed(0), c)
+    flat = noise.flatten(2)
+    assert abs(flat.var().item() - (1 + c**2)) < 0.02
+    same_channel = (flat[:, 0, 0] * flat[:, 0, 5]).mean().item()
+    other_channel = (flat[:, 0, 0] * flat[:, 1, 0]).mean().item()
+    other_image = (flat[:-1, 0, 0] * flat[1:, 0, 0]).mean().item()
+    assert abs(same_channel - c**2) < 0.02 and abs(other_channel) < 0.02 and abs(other_image) < 0.02
+    # Offset 0 draws exactly what torch.randn draws, so runs without it keep their bytes.
+    assert torch.equal(draw_noise((4, 1, 5, 5), torch.Generator().manual_seed(3), 0.0), torch.randn(4, 1, 5, 5, generator=torch.Generator().manual_seed(3)))
 
 
 def test_each_sample_gets_its_own_timestep():

@@ -34,7 +34,7 @@ class ConstantDataEps(nn.Module):
 def test_samplers_recover_a_point_mass(sampler_name, steps):
     schedule = make_schedule("linear", 1000)
     model = ConstantDataEps(schedule, 0.4)
-    sampler = make_sampler(sampler_name, schedule, steps, 0.0, "eps")
+    sampler = make_sampler(sampler_name, schedule, steps, 0.0, "eps", offset_noise=0.0)
     out = sample(model, sampler, (4, 1, 3, 3), torch.Generator().manual_seed(0))
     assert torch.allclose(out, torch.full_like(out, 0.4), atol=1e-4)
     assert model.calls == len(sampler.timesteps)
@@ -50,14 +50,28 @@ class ConstantDataV(ConstantDataEps):
         return ab.sqrt() * eps - (1 - ab).sqrt() * target
 
 
+@pytest.mark.parametrize("offset_noise", [0.0, 0.3])
 @pytest.mark.parametrize("sampler_name,steps", [("ddpm", 1000), ("ddim", 50), ("dpmpp2m", 10), ("dpmpp2m", 1)])
-def test_samplers_recover_a_point_mass_from_a_v_network(sampler_name, steps):
-    # Unclipped (make_sampler clips only for ε), so the point mass must come from the math.
+def test_samplers_recover_a_point_mass_from_a_v_network(sampler_name, steps, offset_noise):
+    # Unclipped (make_sampler clips only for ε), so the point mass must come from the math;
+    # the exact predictor reads ε off x_t whatever law it was drawn from, offset or not.
     schedule = make_schedule("linear", 1000)
-    sampler = make_sampler(sampler_name, schedule, steps, 0.0, "v")
+    sampler = make_sampler(sampler_name, schedule, steps, 0.0, "v", offset_noise=offset_noise)
     assert not sampler.clip_x0
     out = sample(ConstantDataV(schedule, 0.4), sampler, (4, 1, 3, 3), torch.Generator().manual_seed(0))
     assert torch.allclose(out, torch.full_like(out, 0.4), atol=1e-4)
+
+
+def test_sampling_starts_from_the_noise_the_network_was_trained_against():
+    # x_T is drawn like training's ε: with offset c each image's mean has variance c² + 1/HW.
+    schedule, c, n = make_schedule("linear", 1000), 0.5, 4000
+    starts = []
+    for offset in (0.0, c):
+        sampler = make_sampler("ddim", schedule, 1, 0.0, "v", offset_noise=offset)
+        sample(ConstantDataV(schedule, 0.4), sampler, (n, 1, 4, 4), torch.Generator().manual_seed(0),
+               on_step=lambda k, x, x0: starts.append(x) if k == 0 else None)  # fmt: skip
+    plain, shifted = (x.mean((1, 2, 3)).var().item() for x in starts)
+    assert abs(plain - 1 / 16) < 0.01 and abs(shifted - (c**2 + 1 / 16)) < 0.02
 
 
 
