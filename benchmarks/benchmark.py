@@ -112,7 +112,7 @@ def measure_training(spec: dict, params, device) -> dict:
 def measure_sampling(spec: dict, params, device) -> dict:
     model = hardware.place_model(build_unet(params.model, NUM_CLASSES), device, spec["precision"]).eval().requires_grad_(False)
     schedule = make_schedule(params.diffusion.schedule, params.diffusion.timesteps)
-    sampler = make_sampler(spec["sampler"], schedule, spec["steps"], 0.0, params.diffusion.prediction, offset_noise=params.diffusion.offset_noise)
+    sampler = make_sampler(spec["sampler"], schedule, spec["steps"], 0.0, params.diffusion.prediction, offset_noise=params.diffusion.offset_noise)  # t_min costs nothing
     total_steps = len(sampler.timesteps)
     if spec["timed_steps"] < total_steps:
         sampler.timesteps = sampler.timesteps[: spec["timed_steps"]]  # each step costs the same

@@ -98,7 +98,7 @@ def main() -> None:
             labels = balanced_labels(n) if conditional else None
             started = time.perf_counter()
             images = generate(
-                model, make_sampler(name, schedule, int(steps), 0.0, params.diffusion.prediction, offset_noise=params.diffusion.offset_noise), n, torch.Generator().manual_seed(params.seed), labels,
+                model, make_sampler(name, schedule, int(steps), 0.0, params.diffusion.prediction, offset_noise=params.diffusion.offset_noise, t_min=params.sample.t_min), n, torch.Generator().manual_seed(params.seed), labels,
                 float(guidance) if conditional else 1.0, params.sample.batch_size, device, autocast, desc=f"{kind} {spec}",
             )  # fmt: skip
             sample_s = time.perf_counter() - started

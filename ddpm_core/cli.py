@@ -27,7 +27,7 @@ from ddpm_core.viz import image_grid
 
 # The `sample` section of the project's params.yaml, for when there is none in the
 # current folder (with --run-id the weights need no params.yaml).
-FALLBACK_SAMPLE = {"sampler": "dpmpp2m", "steps": 10, "guidance": 2.5, "eta": 0.0}
+FALLBACK_SAMPLE = {"sampler": "dpmpp2m", "steps": 10, "t_min": 10, "guidance": 2.5, "eta": 0.0}
 
 GENERATE_EPILOG = """\
 examples:
@@ -179,7 +179,10 @@ def generate(args: argparse.Namespace) -> None:
         classes = _classes(args, dataset)
     if sampler_name != "ddpm" and steps > diffusion.timesteps:
         raise UsageError(f"--steps {steps}: the model has {diffusion.timesteps} diffusion timesteps, steps can't exceed that")
-    sampler = make_sampler(sampler_name, make_schedule(diffusion.schedule, diffusion.timesteps), steps, defaults["eta"], diffusion.prediction, offset_noise=diffusion.offset_noise)
+    # params.yaml's t_min fits its own steps; with --steps, keep the steps distinct
+    t_min = None if defaults["t_min"] is None or steps == 1 else min(defaults["t_min"], diffusion.timesteps - steps)
+    schedule = make_schedule(diffusion.schedule, diffusion.timesteps)
+    sampler = make_sampler(sampler_name, schedule, steps, defaults["eta"], diffusion.prediction, offset_noise=diffusion.offset_noise, t_min=t_min)
 
     labels = torch.tensor(classes).repeat_interleave(args.n) if classes else None
     count = len(labels) if labels is not None else args.n

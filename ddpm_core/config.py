@@ -68,6 +68,8 @@ class TrainCondParams(_Section):
 class SampleParams(_Section):
     sampler: Literal["ddpm", "ddim", "dpmpp2m"]
     steps: int = Field(ge=1)
+    # The last timestep index visited (samplers.trailing_timesteps); None = T/steps − 1.
+    t_min: int | None = Field(ge=0)
     guidance: float = Field(ge=0.0)
     eta: float = Field(ge=0.0)
     batch_size: int = Field(ge=1)
@@ -109,6 +111,17 @@ class Params(_Section):
     evaluator: EvaluatorParams
     evaluator_alt: EvaluatorParams  # the second judge (evaluation.ResidualClassifier), built apart
 
+    @model_validator(mode="after")
+    def _last_timestep_fits(self) -> Params:
+        # `steps` distinct timesteps from T − 1 down to t_min need t_min ≤ T − steps.
+        sp, timesteps = self.sample, self.diffusion.timesteps
+        if sp.sampler != "ddpm" and sp.t_min is not None and sp.steps > 1 and sp.t_min > timesteps - sp.steps:
+            raise ValueError(
+                f"sample.t_min ({sp.t_min}) must be at most diffusion.timesteps − sample.steps "
+                f"({timesteps} − {sp.steps} = {timesteps - sp.steps}), so that each step visits its own timestep"
+            )
+        return self
+
 
 def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     for part in loc:
@@ -131,7 +144,8 @@ def _describe(error: dict, source: str) -> str:
     if error["type"] == "missing":
         return f"{source}: missing key '{key}'"
     if error["type"] == "value_error":
-        return f"{source}: {key}: {error['msg'].removeprefix('Value error, ')}"
+        where = f"{key}: " if key else ""  # a check across sections names its keys itself
+        return f"{source}: {where}{error['msg'].removeprefix('Value error, ')}"
     return f"{source}: {key} = {error.get('input')!r}: {error['msg']}"
 
 

@@ -54,23 +54,36 @@ class DDPMSampler:
         return (c0 * x0 + ct * xt + var.sqrt() * noise).to(xt.dtype)
 
 
-def trailing_timesteps(timesteps: int, steps: int) -> torch.Tensor:
-    """`steps` indices spaced evenly and ending at T − 1 ("trailing", Lin et al. 2024), so
-    the first step starts from pure noise: 1000 → 50 gives 999, 979, …, 19."""
+def trailing_timesteps(timesteps: int, steps: int, last: int | None = None) -> torch.Tensor:
+    """`steps` indices spaced evenly from T − 1 ("trailing", Lin et al. 2024: the first step
+    starts from pure noise) down to `last`, which is T/steps − 1 when None: 1000 → 50
+    gives 999, 979, …, 19, and 1000 → 10 gives 999, 899, …, 99.
+
+    `last` (`sample.t_min`) moves the final step closer to the data: the sampler returns
+    the network's x̂₀ at the last timestep it visits, and that estimate is only as clean as
+    the noise it removes there (10 → 10 gives 999, 889, …, 120, 10; docs/performance.md).
+    One step is always T − 1 alone.
+    """
     if not 1 <= steps <= timesteps:
         raise ValueError(f"sampling steps must be in [1, {timesteps}], got {steps}")
-    return (torch.arange(steps, 0, -1, dtype=torch.float64) * (timesteps / steps)).round().long() - 1
+    if last is None or steps == 1:
+        return (torch.arange(steps, 0, -1, dtype=torch.float64) * (timesteps / steps)).round().long() - 1
+    if not 0 <= last <= timesteps - steps:
+        raise ValueError(f"the last sampling timestep (sample.t_min) must be in [0, {timesteps - steps}] for {steps} steps of {timesteps}, got {last}")
+    return torch.linspace(timesteps - 1, last, steps, dtype=torch.float64).round().long()
 
 
 class _FewStepSampler:
     """Shared by the samplers that visit a subset of the T timesteps."""
 
-    def __init__(self, schedule: NoiseSchedule, steps: int, clip_x0: bool = True, prediction: str = "eps", offset_noise: float = 0.0):
+    def __init__(
+        self, schedule: NoiseSchedule, steps: int, clip_x0: bool = True, prediction: str = "eps", offset_noise: float = 0.0, t_min: int | None = None
+    ):
         self.schedule = schedule
         self.clip_x0 = clip_x0
         self.prediction = prediction
         self.offset_noise = offset_noise
-        self.timesteps = trailing_timesteps(schedule.timesteps, steps)
+        self.timesteps = trailing_timesteps(schedule.timesteps, steps, t_min)
 
     def _alpha_bars(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """ᾱ at step i and at the step after it (1 after the last step)."""
@@ -81,8 +94,10 @@ class _FewStepSampler:
 class DDIMSampler(_FewStepSampler):
     """Song et al. 2021 over trailing timesteps; η = 0 is deterministic."""
 
-    def __init__(self, schedule: NoiseSchedule, steps: int, eta: float = 0.0, clip_x0: bool = True, prediction: str = "eps", offset_noise: float = 0.0):
-        super().__init__(schedule, steps, clip_x0, prediction, offset_noise)
+    def __init__(
+        self, schedule: NoiseSchedule, steps: int, eta: float = 0.0, clip_x0: bool = True, prediction: str = "eps", offset_noise: float = 0.0, t_min: int | None = None
+    ):
+        super().__init__(schedule, steps, clip_x0, prediction, offset_noise, t_min)
         self.eta = eta
 
     def step(self, xt: torch.Tensor, output: torch.Tensor, i: int, noise: torch.Tensor) -> torch.Tensor:
@@ -105,8 +120,10 @@ class DPMSolverPPSampler(_FewStepSampler):
     multistep, so it keeps the previous x̂_0 between the calls of one sampling loop.
     """
 
-    def __init__(self, schedule: NoiseSchedule, steps: int, clip_x0: bool = True, prediction: str = "eps", offset_noise: float = 0.0):
-        super().__init__(schedule, steps, clip_x0, prediction, offset_noise)
+    def __init__(
+        self, schedule: NoiseSchedule, steps: int, clip_x0: bool = True, prediction: str = "eps", offset_noise: float = 0.0, t_min: int | None = None
+    ):
+        super().__init__(schedule, steps, clip_x0, prediction, offset_noise, t_min)
         self._previous: tuple[torch.Tensor, torch.Tensor] | None = None  # (x̂_0, h) of the last step
 
     def step(self, xt: torch.Tensor, output: torch.Tensor, i: int, noise: torch.Tensor) -> torch.Tensor:
@@ -136,8 +153,9 @@ def _log_snr(alpha_bar: torch.Tensor) -> torch.Tensor:
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
 
 
-def make_sampler(name: str, schedule: NoiseSchedule, steps: int, eta: float, prediction: str, *, offset_noise: float):
-    """A sampler by its `sample.sampler` name; `steps` is ignored by DDPM (always T).
+def make_sampler(name: str, schedule: NoiseSchedule, steps: int, eta: float, prediction: str, *, offset_noise: float, t_min: int | None = None):
+    """A sampler by its `sample.sampler` name; `steps` and `t_min` (the last timestep
+    visited, `trailing_timesteps`) are ignored by DDPM (always all T).
 
     `offset_noise` is `diffusion.offset_noise`, the noise the network was trained against:
     the initial x_T and any noise a stochastic step adds are drawn like it (`draw_noise`).
@@ -153,9 +171,9 @@ def make_sampler(name: str, schedule: NoiseSchedule, steps: int, eta: float, pre
     if name == "ddpm":
         return DDPMSampler(schedule, clip_x0=clip, prediction=prediction, offset_noise=offset_noise)
     if name == "ddim":
-        return DDIMSampler(schedule, steps, eta, clip_x0=clip, prediction=prediction, offset_noise=offset_noise)
+        return DDIMSampler(schedule, steps, eta, clip_x0=clip, prediction=prediction, offset_noise=offset_noise, t_min=t_min)
     if name == "dpmpp2m":
-        return DPMSolverPPSampler(schedule, steps, clip_x0=clip, prediction=prediction, offset_noise=offset_noise)
+        return DPMSolverPPSampler(schedule, steps, clip_x0=clip, prediction=prediction, offset_noise=offset_noise, t_min=t_min)
     raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
 
 

@@ -52,7 +52,7 @@ def denoising_animation(params, path: Path) -> None:
     device = hardware.pick_device()
     autocast = hardware.sampling_autocast(device)
     model = load_unet(Path("models/cond.pt"), params.model, True, device)
-    sampler = make_sampler(sp.sampler, make_schedule(params.diffusion.schedule, params.diffusion.timesteps), sp.steps, sp.eta, params.diffusion.prediction, offset_noise=params.diffusion.offset_noise)
+    sampler = make_sampler(sp.sampler, make_schedule(params.diffusion.schedule, params.diffusion.timesteps), sp.steps, sp.eta, params.diffusion.prediction, offset_noise=params.diffusion.offset_noise, t_min=sp.t_min)
     labels = torch.arange(NUM_CLASSES).repeat_interleave(ANIMATION_COLUMNS)
     generator = torch.Generator().manual_seed(derived_seed(params.seed, "plot/denoising"))
     denoising_gif(path, model, sampler, labels, ANIMATION_COLUMNS, generator, sp.guidance, device, autocast)

@@ -49,7 +49,7 @@ def run(params):
             generator = torch.Generator().manual_seed(derived_seed(params.seed, f"sample/{kind}"))
             started = time.perf_counter()
             images = generate(
-                model, make_sampler(sp.sampler, schedule, sp.steps, sp.eta, params.diffusion.prediction, offset_noise=params.diffusion.offset_noise), n, generator, labels,
+                model, make_sampler(sp.sampler, schedule, sp.steps, sp.eta, params.diffusion.prediction, offset_noise=params.diffusion.offset_noise, t_min=sp.t_min), n, generator, labels,
                 sp.guidance if conditional else 1.0, sp.batch_size, device, autocast, desc=f"sample {kind}",
             )  # fmt: skip
             rates[kind] = n / (time.perf_counter() - started)
@@ -69,7 +69,7 @@ def run(params):
             labels = balanced_labels(sweep_n)
             generator = torch.Generator().manual_seed(derived_seed(params.seed, f"sample/sweep/{w:g}"))
             images = generate(
-                model, make_sampler(sp.sampler, schedule, sp.steps, sp.eta, params.diffusion.prediction, offset_noise=params.diffusion.offset_noise), sweep_n, generator, labels,
+                model, make_sampler(sp.sampler, schedule, sp.steps, sp.eta, params.diffusion.prediction, offset_noise=params.diffusion.offset_noise, t_min=sp.t_min), sweep_n, generator, labels,
                 w, sp.batch_size, device, autocast, desc=f"sweep guidance {w:g}",
             )  # fmt: skip
             save_samples(sweep_samples_path(OUT, w), images, labels)

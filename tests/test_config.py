@@ -77,3 +77,15 @@ def test_guidance_sweep_weights_are_non_negative_and_distinct():
     assert "evaluate.guidance_sweep.1 = -2" in error_of(evaluate={"guidance_sweep": [0, -2]})
     assert "lists a weight twice" in error_of(evaluate={"guidance_sweep": [1, 3, 1]})
     assert "evaluate.sweep_samples = 5" in error_of(evaluate={"sweep_samples": 5})
+
+
+def test_last_timestep_must_leave_room_for_every_step():
+    assert "sample.t_min = -1: Input should be greater than or equal to 0" in error_of(sample={"t_min": -1})
+    message = error_of(sample={"steps": 10, "t_min": 991})
+    assert message == (
+        "params.yaml: sample.t_min (991) must be at most diffusion.timesteps − sample.steps "
+        "(1000 − 10 = 990), so that each step visits its own timestep"
+    )
+    parse_params(tiny_raw(sample={"steps": 10, "t_min": 990}))  # the largest that fits
+    parse_params(tiny_raw(sample={"sampler": "ddpm", "t_min": 995}))  # DDPM visits all T: unused
+    parse_params(tiny_raw(sample={"t_min": None}))

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from ddpm_core.samplers import DDIMSampler, DDPMSampler, DPMSolverPPSampler, guided_output, make_sampler, sample
+from ddpm_core.samplers import DDIMSampler, DDPMSampler, DPMSolverPPSampler, guided_output, make_sampler, sample, trailing_timesteps
 from ddpm_core.schedule import make_schedule
 
 
@@ -107,6 +107,31 @@ def test_ddim_timesteps_are_trailing_and_within_range():
     assert DDIMSampler(schedule, 1).timesteps.tolist() == [999]
     with pytest.raises(ValueError):
         DDIMSampler(schedule, 1001)
+
+
+def test_t_min_moves_the_last_step_and_keeps_the_spacing_even():
+    schedule = make_schedule("linear", 1000)
+    # None is trailing's own end, T/steps − 1; any t_min ends there, spaced evenly from T − 1.
+    assert trailing_timesteps(1000, 10, None).tolist() == list(range(999, 0, -100))
+    assert trailing_timesteps(1000, 10, 99).tolist() == list(range(999, 0, -100))
+    assert trailing_timesteps(1000, 10, 10).tolist() == [999, 889, 779, 669, 559, 450, 340, 230, 120, 10]
+    assert trailing_timesteps(1000, 1000, 0).tolist() == list(range(999, -1, -1))
+    assert trailing_timesteps(1000, 1, 10).tolist() == [999]
+    assert DPMSolverPPSampler(schedule, 10, t_min=10).timesteps[-1] == 10
+    assert make_sampler("ddim", schedule, 4, 0.0, "v", offset_noise=0.0, t_min=0).timesteps.tolist() == [999, 666, 333, 0]
+    assert len(make_sampler("ddpm", schedule, 10, 0.0, "v", offset_noise=0.0, t_min=10).timesteps) == 1000  # DDPM visits all
+    with pytest.raises(ValueError, match=r"sample.t_min\) must be in \[0, 990\] for 10 steps of 1000, got 991"):
+        trailing_timesteps(1000, 10, 991)
+
+
+@pytest.mark.parametrize("t_min", [0, 10, 300])
+def test_a_point_mass_is_recovered_whatever_the_last_step(t_min):
+    # DPM-Solver++ returns the x̂₀ of its last step: exact for the exact predictor at any t_min.
+    schedule = make_schedule("linear", 1000)
+    sampler = make_sampler("dpmpp2m", schedule, 10, 0.0, "v", offset_noise=0.1, t_min=t_min)
+    out = sample(ConstantDataV(schedule, -0.7), sampler, (4, 1, 3, 3), torch.Generator().manual_seed(0))
+    assert sampler.timesteps[-1] == t_min
+    assert torch.allclose(out, torch.full_like(out, -0.7), atol=1e-4)
 
 
 def test_deterministic_ddim_ignores_noise():
