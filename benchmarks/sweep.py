@@ -56,7 +56,7 @@ def override(raw: dict, assignment: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="key=value, as with dvc exp run -S")
-    parser.add_argument("--sample", nargs="+", default=["dpmpp2m:10:3"], help="sampler:steps:guidance settings to score")
+    parser.add_argument("--sample", nargs="+", default=["dpmpp2m:10:3"], help="sampler:steps:guidance[:t_min] settings to score (t_min: params.yaml's if left out, null = trailing)")
     parser.add_argument("--models", nargs="+", choices=["cond", "uncond"], default=["cond"], help="which models to train and score")
     args = parser.parse_args()
 
@@ -94,11 +94,12 @@ def main() -> None:
         model.load_state_dict(trained["weights"])
         model = hardware.place_model(model, device, hardware.sampling_precision(device)).eval().requires_grad_(False)
         for spec in args.sample:
-            name, steps, guidance = spec.split(":")
+            name, steps, guidance, *last = spec.split(":")  # an optional 4th field overrides sample.t_min
+            t_min = yaml.safe_load(last[0]) if last else params.sample.t_min
             labels = balanced_labels(n) if conditional else None
             started = time.perf_counter()
             images = generate(
-                model, make_sampler(name, schedule, int(steps), 0.0, params.diffusion.prediction, offset_noise=params.diffusion.offset_noise, t_min=params.sample.t_min), n, torch.Generator().manual_seed(params.seed), labels,
+                model, make_sampler(name, schedule, int(steps), 0.0, params.diffusion.prediction, offset_noise=params.diffusion.offset_noise, t_min=t_min), n, torch.Generator().manual_seed(params.seed), labels,
                 float(guidance) if conditional else 1.0, params.sample.batch_size, device, autocast, desc=f"{kind} {spec}",
             )  # fmt: skip
             sample_s = time.perf_counter() - started
