@@ -59,6 +59,8 @@ class TrainParams(_Section):
     precision: Literal["auto", "fp32", "bf16"]
     preview_steps: int = Field(ge=1)
     preview_guidance: float = Field(ge=0.0)
+    log_every: int = Field(ge=1)  # optimizer steps between points of the loss curves
+    preview_every: int = Field(ge=1)  # optimizer steps between sample grids
 
 
 class TrainCondParams(_Section):

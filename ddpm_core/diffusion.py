@@ -8,6 +8,8 @@ closed form (`x0_and_eps`), which is all the samplers use.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -82,7 +84,20 @@ def min_snr_weights(schedule: NoiseSchedule, index: torch.Tensor, gamma: float, 
     return (snr.clamp(max=gamma) / (snr if prediction == "eps" else snr + 1)).float()
 
 
-def diffusion_loss(
+@dataclass(frozen=True)
+class LossTerms:
+    """One batch's training loss and what it is made of.
+
+    `loss` is the scalar that is optimised; `index` the timestep index of each sample and
+    `eps_mse` each sample's unweighted ‖ε − ε̂‖² (ε̂ from the output in closed form, detached),
+    the same diagnostic whatever the network predicts, for the loss-by-noise-level curves."""
+
+    loss: torch.Tensor
+    index: torch.Tensor
+    eps_mse: torch.Tensor
+
+
+def diffusion_loss_terms(
     model: nn.Module,
     schedule: NoiseSchedule,
     x0: torch.Tensor,
@@ -91,7 +106,7 @@ def diffusion_loss(
     prediction: str = "eps",
     min_snr_gamma: float | None = None,
     offset_noise: float = 0.0,
-) -> torch.Tensor:
+) -> LossTerms:
     """‖target − net(x_t, t)‖², target ε (Ho et al.'s simple loss) or v, averaged over the
     batch, with t uniform over all T steps and each sample weighted by `min_snr_weights`
     when `min_snr_gamma` is set.
@@ -102,9 +117,20 @@ def diffusion_loss(
     index = torch.randint(0, schedule.timesteps, (x0.shape[0],), generator=generator)
     noise = draw_noise(tuple(x0.shape), generator, offset_noise).to(x0.device)
     t = index.to(x0.device)
-    output = model(q_sample(schedule, x0, t, noise), t, labels).float()
+    xt = q_sample(schedule, x0, t, noise)
+    output = model(xt, t, labels).float()
     target = noise if prediction == "eps" else v_target(schedule, x0, t, noise)
     per_sample = (output - target).pow(2).flatten(1).mean(1)
+    with torch.no_grad():
+        eps_hat = x0_and_eps(_per_sample(schedule.alpha_bars, t, output), xt.float(), output, prediction)[1]
+        eps_mse = (eps_hat - noise).pow(2).flatten(1).mean(1)
     if min_snr_gamma is None:
-        return per_sample.mean()
-    return (min_snr_weights(schedule, index, min_snr_gamma, prediction).to(x0.device) * per_sample).mean()
+        loss = per_sample.mean()
+    else:
+        loss = (min_snr_weights(schedule, index, min_snr_gamma, prediction).to(x0.device) * per_sample).mean()
+    return LossTerms(loss, t, eps_mse)
+
+
+def diffusion_loss(*args, **kwargs) -> torch.Tensor:
+    """The scalar of `diffusion_loss_terms` (same arguments)."""
+    return diffusion_loss_terms(*args, **kwargs).loss

@@ -2,7 +2,9 @@
 
 AdamW with a linear warm-up and cosine decay, gradient clipping, EMA of the weights,
 autocast where it pays, a checkpoint after every epoch (from which an interrupted run
-resumes), and a sample grid from the EMA model after every epoch.
+resumes). Every `train.log_every` optimizer steps the tracker gets the loss, lr, gradient
+norm, images/s and the ε-loss by noise level; every `train.preview_every` steps (and at
+the end) a fixed-noise sample grid from the EMA model.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ddpm_core import hardware
 from ddpm_core.files import load_safe, save_atomic
 from ddpm_core.config import Params, TrainParams
 from ddpm_core.data import NUM_CLASSES, ImageSet, to_model_range
-from ddpm_core.diffusion import diffusion_loss
+from ddpm_core.diffusion import LossTerms, diffusion_loss_terms
 from ddpm_core.ema import make_ema
 from ddpm_core.errors import TrainingError
 from ddpm_core.samplers import make_sampler, sample
@@ -36,6 +38,8 @@ from ddpm_core.viz import image_grid
 PREVIEW_PER_CLASS = 8  # conditional grid: one row per class, this many columns
 PREVIEW_UNCOND = 64  # unconditional grid: 8 × 8
 PROGRESS_EVERY = 20  # steps between progress-bar updates (and divergence checks)
+NOISE_BUCKETS = 5  # the ε-loss by noise level: the T timesteps in this many equal ranges
+CURVE_COLUMNS = ("step", "epoch", "loss")  # reports/loss_<kind>.csv
 
 
 class Tracker(Protocol):
@@ -47,6 +51,7 @@ class Tracker(Protocol):
 class TrainResult:
     ema_state_dict: dict[str, torch.Tensor]
     losses: list[float] = field(default_factory=list)  # mean training loss of each epoch
+    curve: list[dict[str, float]] = field(default_factory=list)  # one row per log point (step, epoch, loss, ...)
     images_per_s: list[float] = field(default_factory=list)
     epoch_seconds: list[float] = field(default_factory=list)
     precision: str = "fp32"
@@ -102,6 +107,14 @@ class Objective:
         return cls(params.diffusion.prediction, params.train.min_snr_gamma, params.diffusion.offset_noise)
 
 
+@dataclass
+class StepStats:
+    """What one optimisation step reports, left on the device (no host sync)."""
+
+    terms: LossTerms
+    grad_norm: torch.Tensor  # before clipping
+
+
 def train_step(
     opt: Optimization,
     schedule: NoiseSchedule,
@@ -110,22 +123,59 @@ def train_step(
     generator: torch.Generator,
     autocast: Callable[[], ContextManager],
     objective: Objective,
-) -> torch.Tensor:
-    """One optimisation step on a batch; returns the loss (on the device, no host sync).
+) -> StepStats:
+    """One optimisation step on a batch; returns its loss terms and gradient norm.
 
     `objective` (from `Objective.of(params)`) is required so that no caller (the
     benchmark, say) trains a different objective from the pipeline's by leaving it out."""
     with autocast():
-        loss = diffusion_loss(opt.model, schedule, x0, labels, generator, objective.prediction, objective.min_snr_gamma, objective.offset_noise)
+        terms = diffusion_loss_terms(opt.model, schedule, x0, labels, generator, objective.prediction, objective.min_snr_gamma, objective.offset_noise)
     opt.optimizer.zero_grad(set_to_none=True)
-    opt.scaler.scale(loss).backward()
+    opt.scaler.scale(terms.loss).backward()
     opt.scaler.unscale_(opt.optimizer)
-    torch.nn.utils.clip_grad_norm_(opt.model.parameters(), opt.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(opt.model.parameters(), opt.grad_clip)
     opt.scaler.step(opt.optimizer)
     opt.scaler.update()
     opt.scheduler.step()
     opt.ema.update_parameters(opt.model)
-    return loss.detach()
+    return StepStats(LossTerms(terms.loss.detach(), terms.index, terms.eps_mse), grad_norm.detach())
+
+
+class CurveMeter:
+    """Sums over the steps since the last log point, kept on the device until `take`."""
+
+    def __init__(self, timesteps: int, device: torch.device):
+        self.width = math.ceil(timesteps / NOISE_BUCKETS)
+        digits = len(str(timesteps - 1))
+        self.names = [
+            f"eps_loss/t{lo:0{digits}d}-{min(lo + self.width, timesteps) - 1:0{digits}d}" for lo in range(0, timesteps, self.width)
+        ]
+        self.device = device
+        self._reset()
+
+    def _reset(self) -> None:
+        zeros = lambda *shape: torch.zeros(shape, device=self.device)  # float32: MPS has no float64  # noqa: E731
+        self.loss, self.images, self.grad, self.steps = zeros(), zeros(), zeros(), 0
+        self.bucket_sum, self.bucket_count = zeros(len(self.names)), zeros(len(self.names))
+
+    def add(self, stats: StepStats) -> None:
+        n = stats.terms.index.numel()
+        self.loss += stats.terms.loss.float() * n
+        self.images += n
+        self.grad += stats.grad_norm.float()
+        self.steps += 1
+        bucket = stats.terms.index // self.width
+        self.bucket_sum += torch.bincount(bucket, weights=stats.terms.eps_mse.float(), minlength=len(self.names))
+        self.bucket_count += torch.bincount(bucket, minlength=len(self.names)).float()
+
+    def take(self) -> dict[str, float]:
+        """The means since the last call (one host sync), then start again. A noise-level
+        range no sample fell into is left out."""
+        values = {"loss": (self.loss / self.images).item(), "grad_norm": (self.grad / max(1, self.steps)).item()}
+        sums, counts = self.bucket_sum.tolist(), self.bucket_count.tolist()
+        values.update({name: total / count for name, total, count in zip(self.names, sums, counts) if count > 0})
+        self._reset()
+        return values
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -173,11 +223,18 @@ def train_diffusion(
     name: str = "train",
     device: torch.device | None = None,
 ) -> TrainResult:
-    """Train ε_θ on `data` for `params.epochs` epochs and return the EMA weights.
+    """Train the network on `data` for `params.epochs` epochs and return the EMA weights.
+
+    Every `train.log_every` optimizer steps and at each epoch's end, `tracker` gets the loss, lr, gradient norm,
+    images/s and the ε-loss in NOISE_BUCKETS timestep ranges at step = the global
+    optimizer step, and the same point joins `TrainResult.curve`; every
+    `train.preview_every` steps and at the last one, a fixed-noise sample grid; after each
+    epoch, its mean loss (`epoch_loss`), images/s and seconds at step = the epoch.
 
     After every epoch the full state (model, EMA, optimizer, LR schedule, RNG states,
-    losses so far) goes to `resume_path`; a later call with the same params continues
-    from there and ends with the same bytes as an uninterrupted run.
+    the curve so far) goes to `resume_path`; a later call with the same params continues
+    from there, logs the saved curve to its tracker again (so its run has the whole of
+    it), and ends with the same bytes as an uninterrupted run.
     """
     device = device or hardware.pick_device()
     tp = params.train
@@ -188,7 +245,8 @@ def train_diffusion(
     schedule = make_schedule(params.diffusion.schedule, params.diffusion.timesteps)
     model = hardware.place_model(build_unet(params.model, NUM_CLASSES if conditional else None), device, precision)
     steps_per_epoch = math.ceil(len(data) / tp.batch_size)
-    opt = Optimization.build(model, tp, steps_per_epoch * params.epochs, precision, device)
+    total_steps = steps_per_epoch * params.epochs
+    opt = Optimization.build(model, tp, total_steps, precision, device)
     objective = Objective.of(params)
     fingerprint = run_fingerprint(params, conditional)
     result = TrainResult(ema_state_dict={}, precision=precision, device=str(device))
@@ -199,29 +257,40 @@ def train_diffusion(
             opt.load_state_dict(state["optimization"])
             restore_rng_state(state["rng"], generator)
             result.losses, result.images_per_s, result.epoch_seconds = state["losses"], state["images_per_s"], state["epoch_seconds"]
+            result.curve = state["curve"]
             start_epoch = state["epoch"] + 1
             result.resumed_after_epoch = state["epoch"]
             print(f"{name}: resuming after epoch {state['epoch']} from {resume_path}", flush=True)
+            if tracker is not None:
+                for row in result.curve:
+                    tracker.log_metrics({k: v for k, v in row.items() if k not in ("step", "epoch")}, step=int(row["step"]))
+                for epoch, (loss, rate, seconds) in enumerate(zip(result.losses, result.images_per_s, result.epoch_seconds), start=1):
+                    tracker.log_metrics({"epoch_loss": loss, "epoch_images_per_s": rate, "epoch_seconds": seconds}, step=epoch)
 
     images, labels = data.images, data.labels
     null_class = NUM_CLASSES
+    meter = CurveMeter(schedule.timesteps, device)
     for epoch in range(start_epoch, params.epochs + 1):
         model.train()
         order = torch.randperm(len(data), generator=generator)
         loss_sum = torch.zeros((), device=device)
-        started = time.perf_counter()
+        started = interval_started = time.perf_counter()
+        preview_seconds = 0.0  # not training time: left out of images/s and epoch_seconds
         bar = tqdm(range(steps_per_epoch), desc=f"{name} epoch {epoch}/{params.epochs}", unit="step", mininterval=1.0, dynamic_ncols=True)
         for step in bar:
+            global_step = (epoch - 1) * steps_per_epoch + step + 1
             idx = order[step * tp.batch_size : (step + 1) * tp.batch_size]
             x0 = to_model_range(images[idx]).to(device)
             y = None
             if conditional:
                 drop = torch.rand(len(idx), generator=generator) < params.train_cond.p_uncond
                 y = labels[idx].masked_fill(drop, null_class).to(device)
-            loss = train_step(opt, schedule, x0, y, generator, autocast, objective)
+            stats = train_step(opt, schedule, x0, y, generator, autocast, objective)
+            loss = stats.terms.loss
             loss_sum += loss * len(idx)
+            meter.add(stats)
             if step % PROGRESS_EVERY == 0 or step == steps_per_epoch - 1:
-                # The only host sync of the step loop: progress, and a check for divergence.
+                # The host sync of the step loop: progress, and a check for divergence.
                 if not math.isfinite(loss_sum.item()):
                     bar.close()
                     last = f"{resume_path} (epoch {epoch - 1})" if epoch > 1 else "none (first epoch)"
@@ -229,22 +298,36 @@ def train_diffusion(
                         f"{name}: loss became {loss_sum.item()} in epoch {epoch} by step {step + 1}; "
                         f"try a lower train.lr; last good checkpoint: {last}"
                     )
-                rate = (step + 1) * tp.batch_size / (time.perf_counter() - started)
+                rate = (step + 1) * tp.batch_size / (time.perf_counter() - started - preview_seconds)
                 bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}")
+            if global_step % tp.log_every == 0 or step == steps_per_epoch - 1:
+                # Also at each epoch's end, so that a run resumed from an epoch's checkpoint
+                # logs the very points of an uninterrupted one.
+                now = time.perf_counter()
+                images_seen = meter.images.item()
+                point = meter.take()
+                point["lr"] = opt.scheduler.get_last_lr()[0]
+                point["images_per_s"] = images_seen / max(now - interval_started, 1e-9)
+                result.curve.append({"step": global_step, "epoch": epoch, **point})
+                if tracker is not None:
+                    tracker.log_metrics(point, step=global_step)
+                interval_started = now
+            if tracker is not None and (global_step % tp.preview_every == 0 or global_step == total_steps):
+                preview_started = time.perf_counter()
+                opt.ema.module.eval()
+                tracker.log_image(preview_grid(opt.ema.module, params, conditional, device, autocast), key="samples", step=global_step)
+                spent = time.perf_counter() - preview_started
+                preview_seconds += spent
+                interval_started += spent
         bar.close()
 
-        seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - started - preview_seconds
         mean_loss = loss_sum.item() / len(data)
         result.losses.append(mean_loss)
         result.images_per_s.append(len(data) / seconds)
         result.epoch_seconds.append(seconds)
-        lr = opt.scheduler.get_last_lr()[0]
-
         if tracker is not None:
-            opt.ema.module.eval()
-            grid = preview_grid(opt.ema.module, params, conditional, device, autocast)
-            tracker.log_metrics({"loss": mean_loss, "lr": lr, "images_per_s": len(data) / seconds, "epoch_seconds": seconds}, step=epoch)
-            tracker.log_image(grid, key="samples", step=epoch)
+            tracker.log_metrics({"epoch_loss": mean_loss, "epoch_images_per_s": len(data) / seconds, "epoch_seconds": seconds}, step=epoch)
 
         save_atomic(
             {
@@ -255,6 +338,7 @@ def train_diffusion(
                 "losses": result.losses,
                 "images_per_s": result.images_per_s,
                 "epoch_seconds": result.epoch_seconds,
+                "curve": result.curve,
             },
             resume_path,
         )

@@ -40,13 +40,16 @@ def _figure(width: float, height: float):
 
 
 def loss_curves(curves: dict[str, pd.DataFrame]) -> Figure:
-    """Mean training loss per epoch, one line per model (frames with columns epoch, loss)."""
+    """The training loss against the optimizer step, one line per model (frames with
+    columns step, epoch, loss: reports/loss_<kind>.csv); dotted lines at epoch ends."""
     fig = _figure(6, 3.5)
     ax = fig.add_subplot()
     for name, frame in curves.items():
-        ax.plot(frame["epoch"], frame["loss"], marker="o", label=name)
-    ax.set(xlabel="epoch", ylabel="mean ε-prediction loss (MSE)", title="Training loss")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.plot(frame["step"], frame["loss"], lw=1, label=name, marker="o" if len(frame) < 3 else None)
+    ends = next(iter(curves.values())).groupby("epoch")["step"].max() if curves else []
+    for step in list(ends)[:-1]:
+        ax.axvline(step, color="grey", lw=0.8, ls=":")
+    ax.set(xlabel="optimizer step", ylabel="training loss (the objective, per sample)", title="Training loss", yscale="log")
     ax.grid(alpha=0.3)
     ax.legend()
     return fig

@@ -2,9 +2,11 @@
 (data/dataset, from fetch_data).
 
 Writes the EMA weights to models/<kind>.pt (a state_dict; load it with
-torch.load(path, weights_only=True)), the per-epoch mean loss to reports/loss_<kind>.csv
-and a summary to reports/train_<kind>.json. Logs params, per-epoch loss, learning rate,
-images/s and a sample grid to the stage's MLflow run. An interrupted run resumes from
+torch.load(path, weights_only=True)), the loss curve to reports/loss_<kind>.csv (step,
+epoch, loss: one row every `train.log_every` optimizer steps and at each epoch's end) and
+a summary to reports/train_<kind>.json. Logs params, that curve with lr, gradient norm,
+images/s and the ε-loss by noise level, the per-epoch mean loss, and a sample grid every
+`train.preview_every` steps to the stage's MLflow run. An interrupted run resumes from
 its last completed epoch when started again with the same params.
 """
 
@@ -16,7 +18,7 @@ from pathlib import Path
 import common
 from ddpm_core.data import load_images
 from ddpm_core.files import save_atomic, write_text_atomic
-from ddpm_core.train import run_fingerprint, train_diffusion
+from ddpm_core.train import CURVE_COLUMNS, run_fingerprint, train_diffusion
 
 
 def run(params, kind: str):
@@ -33,15 +35,15 @@ def run(params, kind: str):
             raise
         weights = Path("models") / f"{kind}.pt"
         save_atomic(result.ema_state_dict, weights)
-        rows = "".join(f"{epoch},{loss:.6f}\n" for epoch, loss in enumerate(result.losses, start=1))
-        write_text_atomic(Path("reports") / f"loss_{kind}.csv", "epoch,loss\n" + rows)
+        rows = "".join(f"{row['step']},{row['epoch']},{row['loss']:.6f}\n" for row in result.curve)
+        write_text_atomic(Path("reports") / f"loss_{kind}.csv", ",".join(CURVE_COLUMNS) + "\n" + rows)
         summary = {
             "final_loss": result.losses[-1],
             "images_per_s": sum(result.images_per_s) / len(result.images_per_s),
             "train_seconds": sum(result.epoch_seconds),
         }
         write_text_atomic(Path("reports") / f"train_{kind}.json", json.dumps(summary, indent=2) + "\n")
-        # Per-epoch "images_per_s" is a curve; the run's mean gets its own key.
+        # "images_per_s" is a curve; the run's mean gets its own key.
         run.log_metrics({"final_loss": summary["final_loss"], "train_seconds": summary["train_seconds"], "mean_images_per_s": summary["images_per_s"]})
         run.set_tags({"precision": result.precision, "device": result.device, "resumed_after_epoch": result.resumed_after_epoch})
         run.log_artifact(weights, "checkpoint")

@@ -26,7 +26,7 @@ TINY = {
     "epochs": 1,
     "data": {"train_subset": 256},
     "model": {"channels": [16, 32], "attention_heads": 2},
-    "train": {"batch_size": 64, "warmup_steps": 2, "preview_steps": 3},
+    "train": {"batch_size": 64, "warmup_steps": 2, "preview_steps": 3, "log_every": 2, "preview_every": 3},
     "sample": {"steps": 5, "batch_size": 100},
     "evaluate": {"num_samples": 20, "guidance_sweep": [0, 3], "sweep_samples": 10},
     "evaluator": {"epochs": 1, "train_subset": 1000},

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from ddpm_core.diffusion import diffusion_loss, draw_noise, min_snr_weights, predicted_x0, q_sample, v_target, x0_and_eps
+from ddpm_core.diffusion import diffusion_loss, diffusion_loss_terms, draw_noise, min_snr_weights, predicted_x0, q_sample, v_target, x0_and_eps
 from ddpm_core.schedule import make_schedule
 
 
@@ -133,3 +133,30 @@ def test_min_snr_weights_for_v_are_capped_snr_over_snr_plus_one():
     eps_weights = min_snr_weights(schedule, index, gamma=5.0, prediction="eps")
     assert torch.allclose(weights.double() * (snr + 1), eps_weights.double() * snr, rtol=1e-5)
 
+
+
+def test_eps_loss_terms_of_an_eps_model_are_its_unweighted_loss():
+    schedule = make_schedule("linear", 1000)
+    zero = lambda xt, t, labels: torch.zeros_like(xt)  # noqa: E731
+    terms = diffusion_loss_terms(zero, schedule, torch.zeros(64, 1, 8, 8), None, torch.Generator().manual_seed(0))
+    assert terms.index.shape == (64,) and terms.eps_mse.shape == (64,)
+    assert torch.allclose(terms.eps_mse.mean(), terms.loss)
+
+
+def test_eps_loss_terms_of_a_v_model_are_zero_for_the_exact_v_and_alpha_bar_squared_for_zero():
+    # v̂ = 0 at x_0 = 0: ε̂ = σ x_t = σ² ε, so ‖ε − ε̂‖² = (1 − σ²)² ‖ε‖² = ᾱ² ‖ε‖² per sample.
+    schedule = make_schedule("linear", 1000)
+    zero = lambda xt, t, labels: torch.zeros_like(xt)  # noqa: E731
+    terms = diffusion_loss_terms(zero, schedule, torch.zeros(32, 1, 64, 64), None, torch.Generator().manual_seed(0), "v")
+    expected = schedule.alpha_bars[terms.index].float() ** 2
+    assert torch.allclose(terms.eps_mse, expected, rtol=0.06, atol=1e-4)
+
+    class OracleV(nn.Module):  # knows x_0 = 0.3 everywhere, so v = (x_t − α x_0)/σ · α − σ x_0
+        def forward(self, xt, t, labels=None):
+            ab = schedule.alpha_bars[t].view(-1, 1, 1, 1).float()
+            eps = (xt - ab.sqrt() * 0.3) / (1 - ab).sqrt()
+            return ab.sqrt() * eps - (1 - ab).sqrt() * 0.3
+
+    x0 = torch.full((32, 1, 8, 8), 0.3)
+    exact = diffusion_loss_terms(OracleV(), schedule, x0, None, torch.Generator().manual_seed(1), "v", min_snr_gamma=5.0)
+    assert exact.eps_mse.max().item() < 1e-6 and exact.loss.item() < 1e-6

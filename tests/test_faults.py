@@ -1,6 +1,7 @@
 """Hard inputs and failures: each gives a message naming what is wrong, and leaves no
 half-written output behind."""
 
+import dataclasses
 import os
 import pickle
 import signal
@@ -119,15 +120,15 @@ def test_read_only_data_folder(tmp_path, data_exists):
 @pytest.fixture
 def nan_after(monkeypatch):
     def install(calls):
-        real = train_module.diffusion_loss
+        real = train_module.diffusion_loss_terms
         count = {"n": 0}
 
-        def diffusion_loss(*args, **kwargs):
+        def diffusion_loss_terms(*args, **kwargs):
             count["n"] += 1
-            loss = real(*args, **kwargs)
-            return loss * float("nan") if count["n"] > calls else loss
+            terms = real(*args, **kwargs)
+            return dataclasses.replace(terms, loss=terms.loss * float("nan")) if count["n"] > calls else terms
 
-        monkeypatch.setattr(train_module, "diffusion_loss", diffusion_loss)
+        monkeypatch.setattr(train_module, "diffusion_loss_terms", diffusion_loss_terms)
 
     return install
 

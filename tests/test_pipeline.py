@@ -40,12 +40,18 @@ def test_repro_lands_outputs_metrics_and_one_parent_run(tiny_pipeline, tmp_path)
     project_clone = tiny_pipeline  # after `dvc repro` with these params:
     params = tiny_raw(**TINY_PIPELINE)
 
-    # Outputs: the EMA weights load as a plain state_dict; one loss row per epoch.
+    # Outputs: the EMA weights load as a plain state_dict; a loss row every train.log_every
+    # steps and at each epoch's end (192 images at batch 64: 3 steps per epoch, 6 in all).
+    log_every = params["train"]["log_every"]
+    curve_steps = sorted({*range(log_every, 7, log_every), 3, 6})
+    curves = {}
     for kind in ("uncond", "cond"):
         state = torch.load(project_clone / "models" / f"{kind}.pt", weights_only=True)
         assert all(isinstance(v, torch.Tensor) for v in state.values())
         rows = list(csv.DictReader((project_clone / "reports" / f"loss_{kind}.csv").open()))
-        assert [int(r["epoch"]) for r in rows] == [1, 2]
+        assert list(rows[0]) == ["step", "epoch", "loss"]
+        assert [int(r["step"]) for r in rows] == curve_steps and [int(r["epoch"]) for r in rows] == [1 + (s - 1) // 3 for s in curve_steps]
+        curves[kind] = [float(r["loss"]) for r in rows]
     assert "class_emb.weight" in torch.load(project_clone / "models" / "cond.pt", weights_only=True)
 
     client = MlflowClient(f"sqlite:///{project_clone}/mlflow.db")
@@ -57,12 +63,16 @@ def test_repro_lands_outputs_metrics_and_one_parent_run(tiny_pipeline, tmp_path)
     for stage in ("train_uncond", "train_cond"):
         child = stage_runs[stage]
         assert child.info.status == "FINISHED"
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == [1, 2]
-        assert len(client.get_metric_history(child.info.run_id, "lr")) == 2
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "images_per_s")] == [1, 2]
+        history = client.get_metric_history(child.info.run_id, "loss")
+        assert [m.step for m in history] == curve_steps
+        assert [m.value for m in history] == pytest.approx(curves[stage[6:]], abs=1e-6)
+        for key in ("lr", "grad_norm", "images_per_s", "eps_loss/t000-199", "eps_loss/t800-999"):
+            assert [m.step for m in client.get_metric_history(child.info.run_id, key)] == curve_steps, key
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "epoch_loss")] == [1, 2]
         images = [a.path for a in client.list_artifacts(child.info.run_id, "images")]
-        steps = sorted({p.split("+step+")[1].split("+")[0] for p in images if p.endswith(".png")})
-        assert steps == ["1", "2"]
+        steps = sorted({int(p.split("+step+")[1].split("+")[0]) for p in images if p.endswith(".png")})
+        preview_every = params["train"]["preview_every"]
+        assert steps == sorted({*range(preview_every, 7, preview_every), 6})
         (artifact,) = client.list_artifacts(child.info.run_id, "checkpoint")
         local = client.download_artifacts(child.info.run_id, artifact.path, str(tmp_path))
         assert torch.load(local, weights_only=True).keys() == torch.load(project_clone / "models" / f"{stage[6:]}.pt", weights_only=True).keys()

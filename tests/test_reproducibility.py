@@ -136,7 +136,7 @@ def test_two_queued_experiments_at_once_both_land_in_one_new_store(tiny_pipeline
     client, _ = store(project)
     for stage, child in stage_runs(project, parent_runs(project)["q-epochs"]).items():
         if stage.startswith("train_"):
-            assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == [1, 2, 3]
+            assert [m.step for m in client.get_metric_history(child.info.run_id, "epoch_loss")] == [1, 2, 3]
 
 
 # --- kill and resume ---------------------------------------------------------------------

@@ -8,20 +8,27 @@ import torch
 from conftest import tiny_raw
 from ddpm_core.config import parse_params
 from ddpm_core.data import load_images
-from ddpm_core.train import train_diffusion, warmup_cosine
+from ddpm_core.diffusion import LossTerms
+from ddpm_core.train import CurveMeter, StepStats, train_diffusion, warmup_cosine
 
 
 class Recorder:
-    """Collects what a training run logs; optionally fails at a given epoch."""
+    """Collects what a training run logs; optionally fails when an epoch's mean is logged."""
 
     def __init__(self, fail_at_epoch=None):
         self.metrics, self.images = [], []
         self.fail_at_epoch = fail_at_epoch
 
     def log_metrics(self, metrics, step):
-        if step == self.fail_at_epoch:
+        if "epoch_loss" in metrics and step == self.fail_at_epoch:
             raise KeyboardInterrupt
         self.metrics.append((step, metrics))
+
+    def epochs(self):
+        return [(step, m) for step, m in self.metrics if "epoch_loss" in m]
+
+    def points(self):
+        return [(step, m) for step, m in self.metrics if "epoch_loss" not in m]
 
     def log_image(self, image, key, step):
         self.images.append((key, step, image))
@@ -48,20 +55,53 @@ def test_warmup_cosine_schedule():
 
 
 @pytest.mark.parametrize("conditional", [False, True])
-def test_training_logs_one_loss_and_one_grid_per_epoch(mnist_root, two_epochs, tmp_path, conditional):
+def test_training_logs_a_curve_per_log_point_grids_per_preview_and_epoch_means(mnist_root, two_epochs, tmp_path, conditional):
+    # 128 images at batch 64: 2 steps per epoch, 4 in all; log_every 2, preview_every 3 (conftest).
     data = load_images(mnist_root, "mnist", subset=two_epochs.data.train_subset)
     tracker = Recorder()
     result = train_diffusion(data, two_epochs, conditional, tmp_path / "resume.pt", tracker, device=torch.device("cpu"))
-    assert [step for step, _ in tracker.metrics] == [1, 2]
-    assert [m["loss"] for _, m in tracker.metrics] == result.losses
+    assert [step for step, _ in tracker.epochs()] == [1, 2]
+    assert [m["epoch_loss"] for _, m in tracker.epochs()] == result.losses
     assert all(np.isfinite(result.losses)) and result.losses[-1] < 1.0
-    assert [(key, step) for key, step, _ in tracker.images] == [("samples", 1), ("samples", 2)]
+
+    points = tracker.points()
+    assert [step for step, _ in points] == [2, 4]
+    buckets = [f"eps_loss/t{lo:03d}-{lo + 199:03d}" for lo in range(0, 1000, 200)]
+    for (step, logged), row, epoch_loss in zip(points, result.curve, result.losses):
+        assert {"loss", "lr", "grad_norm", "images_per_s"} <= logged.keys() <= {"loss", "lr", "grad_norm", "images_per_s", *buckets}
+        assert row == {"step": step, "epoch": step // 2, **logged}
+        # Here one log interval is one epoch: the curve's point is that epoch's mean.
+        assert logged["loss"] == pytest.approx(epoch_loss, rel=1e-5)
+        assert logged["grad_norm"] > 0 and logged["images_per_s"] > 0
+    assert points[0][1]["lr"] > points[1][1]["lr"] == 0.0  # cosine decay ends at 0
+
+    assert [(key, step) for key, step, _ in tracker.images] == [("samples", 3), ("samples", 4)]
     grid = tracker.images[0][2]
     assert grid.dtype == np.uint8 and grid.ndim == 2
     # Conditional grid: one row per class (10 rows of 28 px + padding); unconditional: 8 × 8.
     rows = 10 if conditional else 8
     assert grid.shape[0] == rows * 30 + 2
     assert (tmp_path / "resume.pt").exists()
+
+
+def test_a_log_interval_longer_than_an_epoch_still_gives_a_point_per_epoch(mnist_root, tmp_path):
+    params = parse_params(tiny_raw(epochs=2, data={"train_subset": 128}, train={"log_every": 1000, "preview_every": 1000}))
+    tracker = Recorder()
+    result = train_diffusion(load_images(mnist_root, "mnist", subset=128), params, False, tmp_path / "r.pt", tracker, device=torch.device("cpu"))
+    assert [step for step, _ in tracker.points()] == [2, 4] and [row["epoch"] for row in result.curve] == [1, 2]
+    assert [step for _, step, _ in tracker.images] == [4]  # the last step always gets a grid
+
+
+def test_curve_meter_means_and_noise_level_buckets():
+    meter = CurveMeter(1000, torch.device("cpu"))
+    assert meter.names == ["eps_loss/t000-199", "eps_loss/t200-399", "eps_loss/t400-599", "eps_loss/t600-799", "eps_loss/t800-999"]
+    meter.add(StepStats(LossTerms(torch.tensor(2.0), torch.tensor([0, 199, 999]), torch.tensor([1.0, 3.0, 5.0])), torch.tensor(4.0)))
+    meter.add(StepStats(LossTerms(torch.tensor(4.0), torch.tensor([200]), torch.tensor([7.0])), torch.tensor(2.0)))
+    assert meter.take() == pytest.approx(
+        {"loss": (2.0 * 3 + 4.0) / 4, "grad_norm": 3.0, "eps_loss/t000-199": 2.0, "eps_loss/t200-399": 7.0, "eps_loss/t800-999": 5.0}
+    )
+    assert meter.images.item() == 0  # taken: the next interval starts empty
+    assert CurveMeter(10, torch.device("cpu")).names == ["eps_loss/t0-1", "eps_loss/t2-3", "eps_loss/t4-5", "eps_loss/t6-7", "eps_loss/t8-9"]
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(mnist_root, two_epochs, tmp_path):
@@ -84,8 +124,11 @@ def test_interrupted_run_resumes_to_the_same_bytes(mnist_root, two_epochs, tmp_p
     assert torch.load(resume, weights_only=True)["epoch"] == 1
     tracker = Recorder()
     resumed = train_diffusion(data, two_epochs, True, resume, tracker, device=torch.device("cpu"))
-    assert [step for step, _ in tracker.metrics] == [2]
+    # The saved curve and epoch 1's mean are logged again, so the new run has all of it.
+    assert [step for step, _ in tracker.epochs()] == [1, 2] and [step for step, _ in tracker.points()] == [2, 4]
     assert resumed.losses == straight.losses
+    timeless = lambda curve: [{k: v for k, v in row.items() if k != "images_per_s"} for row in curve]  # noqa: E731
+    assert timeless(resumed.curve) == timeless(straight.curve)
     assert digest(resumed.ema_state_dict) == digest(straight.ema_state_dict)
 
 
@@ -96,4 +139,4 @@ def test_checkpoint_of_other_params_is_not_resumed(mnist_root, two_epochs, tmp_p
     other = parse_params(tiny_raw(seed=5, epochs=2, data={"train_subset": 128}))
     tracker = Recorder()
     train_diffusion(data, other, False, resume, tracker, device=torch.device("cpu"))
-    assert [step for step, _ in tracker.metrics] == [1, 2]
+    assert [step for step, _ in tracker.epochs()] == [1, 2]
