@@ -187,6 +187,22 @@ class ImageSet:
     def __len__(self) -> int:
         return self.labels.numel()
 
+    def digest(self) -> str:
+        """SHA-256 of the image and label bytes, first 16 hex digits: equal content, equal digest."""
+        h = hashlib.sha256(self.images.contiguous().numpy().tobytes())
+        h.update(self.labels.contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+def dataset_record(root: Path, dataset: str, data: ImageSet, train: bool, subset: int | None) -> dict:
+    """What a tracked run says of an input dataset: name (with the split and any subset),
+    content digest, source folder and a profile."""
+    split = "train" if train else "test"
+    name = f"{dataset}-{split}" + (f"[:{subset}]" if subset is not None else "")
+    profile = {"dataset": DATASETS[dataset].title, "split": split, "subset": subset, "num_images": len(data),
+               "image_shape": list(data.images.shape[1:]), "num_classes": NUM_CLASSES}  # fmt: skip
+    return {"name": name, "digest": data.digest(), "source": str(raw_folder(root, dataset)), "profile": profile}
+
 
 def load_images(root: Path, dataset: str, train: bool = True, subset: int | None = None) -> ImageSet:
     """The first `subset` images of the split (all if None), held in memory."""

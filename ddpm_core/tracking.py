@@ -9,6 +9,7 @@ a child run under it. The store is `sqlite:///<root>/mlflow.db` with artifacts i
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -21,9 +22,10 @@ import numpy as np
 import psutil
 import requests
 from filelock import FileLock
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
 from ddpm_core.config import flatten
 from ddpm_core.errors import TrackingError
@@ -31,6 +33,9 @@ from ddpm_core.errors import TrackingError
 # MLflow announces at INFO level that it creates or migrates its tables; stages stay quiet.
 for _name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
     logging.getLogger(_name).setLevel(logging.WARNING)
+# The system-metrics monitor announces its start and stop, and warns when one of its
+# status reads meets a store locked by a parallel experiment (it tries again 10 s later).
+logging.getLogger("mlflow.system_metrics.system_metrics_monitor").setLevel(logging.ERROR)
 
 EXPERIMENT = "ddpm-mnist"
 PIPELINE_TAG = "ddpm.pipeline_id"
@@ -42,6 +47,12 @@ PID_TAG = "ddpm.pid"
 
 
 LOCK_RETRY_SECONDS = (1, 2, 4, 8, 15, 30, 60)  # waits between tries on a locked SQLite store
+SYSTEM_METRICS_SECONDS = 10  # sampling interval of CPU, memory, disk and network (system/* metrics)
+
+
+def system_metrics_enabled() -> bool:
+    """On unless MLflow's own switch, MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING, says false (or 0)."""
+    return os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").strip().lower() not in ("false", "0", "no")
 
 
 def tracking_uri(root: Path) -> str:
@@ -123,6 +134,23 @@ def _stringify(params: dict[str, Any]) -> dict[str, str]:
     return {k: "null" if v is None else str(v) for k, v in params.items()}
 
 
+class _SystemMetrics(SystemMetricsMonitor):
+    """MLflow's system-metrics monitor, writing through the patient client: its own client
+    gives up on a SQLite store locked by a parallel experiment and says so on stderr."""
+
+    def __init__(self, client: _PatientClient, run_id: str, uri: str):
+        super().__init__(run_id, sampling_interval=SYSTEM_METRICS_SECONDS, tracking_uri=uri)
+        self._client = client
+
+    def publish_metrics(self, metrics: dict[str, float]) -> None:
+        timestamp = int(time.time() * 1000)
+        entries = [Metric(self._metrics_prefix + k, float(v), timestamp, self._logging_step) for k, v in metrics.items()]
+        self._client.log_batch(self._run_id, metrics=entries)
+        self._logging_step += 1
+        for monitor in self.monitors:
+            monitor.clear_metrics()
+
+
 class StageRun:
     """A child run of the pipeline's parent run; what a stage logs goes here."""
 
@@ -155,6 +183,15 @@ class StageRun:
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_dataset(self, name: str, digest: str, source: str, profile: dict[str, Any], context: str) -> None:
+        """An input dataset (MLflow's `log_input`) of this run and of the parent run, where
+        the runs table's Dataset column shows it: `name`, a content `digest`, the local
+        `source` folder, a `profile` (split, size, ...) and a `context` (training, evaluation)."""
+        dataset = Dataset(name, digest, "local", json.dumps({"uri": source}), profile=json.dumps(profile))
+        entry = DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+        for run_id in (self.run_id, self.parent_id):
+            self.client.log_inputs(run_id, datasets=[entry])
 
     def set_parent_tags(self, tags: dict[str, Any]) -> None:
         self.client.log_batch(self.parent_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -214,6 +251,10 @@ def stage_run(
     `environment` (versions, device, git revision, input hashes) becomes `env.*` tags on
     both runs, and the git revision also MLflow's own source-commit tag.
 
+    While it is open, MLflow's system-metrics monitor logs CPU, memory, disk and network
+    use to it (`system/*`, every SYSTEM_METRICS_SECONDS) unless
+    MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false.
+
     The child ends FINISHED, KILLED on Ctrl-C or SIGTERM, or FAILED if the body raises;
     the parent's status follows its latest child, so after the last stage it reads
     FINISHED. Runs orphaned by a SIGKILL are marked KILLED when the next stage starts.
@@ -239,6 +280,10 @@ def stage_run(
     if stage_params:
         params = _stringify(stage_params)
         client.log_batch(run.run_id, params=[Param(k, v) for k, v in params.items()])
+    monitor = None
+    if system_metrics_enabled():
+        monitor = _SystemMetrics(client, run.run_id, tracking_uri(root))
+        monitor.start()
     status = "FAILED"
     try:
         yield run
@@ -247,6 +292,8 @@ def stage_run(
         status = "KILLED"
         raise
     finally:
+        if monitor is not None:
+            monitor.finish()
         client.set_terminated(run.run_id, status)
         client.set_terminated(parent_id, status)
 

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 import common
-from ddpm_core.data import load_images
+from ddpm_core.data import dataset_record, load_images
 from ddpm_core.evaluation import FeatureFID, evaluate_guidance_sweep, evaluate_samples, load_classifier, sweep_rows
 from ddpm_core.files import write_text_atomic
 from ddpm_core.generation import load_samples, sweep_samples_path
@@ -38,6 +38,7 @@ def run(params):
     cond, cond_labels = load_samples(SAMPLES / "cond.npz")
     sweep = {w: load_samples(sweep_samples_path(SAMPLES, w)) for w in ep.guidance_sweep}
     with common.stage_run("evaluate", params) as run:
+        run.log_dataset(**dataset_record(common.DATA, params.data.dataset, test, False, None), context="evaluation")
         fid, fid_alt = FeatureFID(classifier, test.images), FeatureFID(judge_alt, test.images)
         metrics = evaluate_samples(
             classifier, fid, real.images[: ep.num_samples],

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import common
-from ddpm_core.data import load_images
+from ddpm_core.data import dataset_record, load_images
 from ddpm_core.files import save_atomic, write_text_atomic
 from ddpm_core.train import CURVE_COLUMNS, run_fingerprint, train_diffusion
 
@@ -27,6 +27,7 @@ def run(params, kind: str):
     data = load_images(common.DATA, params.data.dataset, train=True, subset=params.data.train_subset)
     resume_path = common.resume_dir() / f"{stage}-{run_fingerprint(params, conditional)}.pt"
     with common.stage_run(stage, params) as run:
+        run.log_dataset(**dataset_record(common.DATA, params.data.dataset, data, True, params.data.train_subset), context="training")
         try:
             result = train_diffusion(data, params, conditional, resume_path, tracker=run, name=stage)
         except KeyboardInterrupt:

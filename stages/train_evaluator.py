@@ -14,7 +14,7 @@ from pathlib import Path
 
 import common
 from ddpm_core import hardware
-from ddpm_core.data import load_images
+from ddpm_core.data import dataset_record, load_images
 from ddpm_core.evaluation import accuracy, predict, train_classifier
 from ddpm_core.files import save_atomic, write_text_atomic
 
@@ -29,6 +29,7 @@ def run(params):
             ("residual", params.evaluator_alt, Path("models/evaluator_alt.pt"), "alt_test_accuracy"),
         ):
             train = load_images(common.DATA, params.data.dataset, train=True, subset=ep.train_subset)
+            run.log_dataset(**dataset_record(common.DATA, params.data.dataset, train, True, ep.train_subset), context="training")
             classifier = train_classifier(train, ep.epochs, ep.batch_size, ep.lr, ep.seed, device, architecture)
             test_accuracy, per_class = accuracy(predict(classifier, test.images), test.labels)
             save_atomic({k: v.cpu() for k, v in classifier.state_dict().items()}, out)
