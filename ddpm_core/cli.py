@@ -7,27 +7,24 @@ import tempfile
 from pathlib import Path
 
 import torch
-import yaml
 from PIL import Image
-from pydantic import ValidationError
 from tqdm import tqdm
 
 from ddpm_core import hardware
 from ddpm_core.animation import FrameRecorder, save_gif
-from ddpm_core.config import DiffusionParams, ModelParams, load_params
-from ddpm_core.errors import CheckpointError, ConfigError, DDPMError, TrackingError, exit_on_error
+from ddpm_core.config import DiffusionParams, load_params
+from ddpm_core.errors import CheckpointError, ConfigError, DDPMError, exit_on_error
 from ddpm_core.files import write_atomic
-from ddpm_core.generation import load_unet
+from ddpm_core.generation import DEFAULT_SAMPLE, load_unet, params_from_logged, sampler_for
 from ddpm_core.data import DATASETS
 from ddpm_core.prompts import CLASS_NAMES, accepted, parse_dataset_prompt
-from ddpm_core.samplers import SAMPLERS, make_sampler, sample
-from ddpm_core.schedule import make_schedule
+from ddpm_core.samplers import SAMPLERS, sample
 from ddpm_core.seeding import seed_everything
 from ddpm_core.viz import image_grid
 
-# The `sample` section of the project's params.yaml, for when there is none in the
-# current folder (with --run-id the weights need no params.yaml).
-FALLBACK_SAMPLE = {"sampler": "dpmpp2m", "steps": 10, "t_min": 10, "guidance": 2.5, "eta": 0.0}
+# Sampler defaults when there is no params.yaml in the current folder (with --run-id or
+# --model the weights need none).
+FALLBACK_SAMPLE = DEFAULT_SAMPLE
 
 GENERATE_EPILOG = """\
 examples:
@@ -37,6 +34,8 @@ examples:
   ddpm generate --prompt "sneaker, bag, ankle boot"   # with data.dataset: fashion-mnist
   ddpm generate --unconditional --n 100 --seed 1
   ddpm generate --prompt 2 --run-id <MLflow run id>   # a train_cond run or a pipeline run
+  ddpm generate --prompt 2 --model models:/ddpm-mnist-cond/1   # a registered version
+  ddpm generate --unconditional --model models:/ddpm-mnist-uncond@champion
 
 Run it in the project folder: models/ and params.yaml (dataset, architecture, noise
 schedule, sampler defaults) are read from there, and --run-id looks in its MLflow store
@@ -110,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="what the GIF shows at each step: the noisy image x_t (default) or the model's prediction of the clean image")  # fmt: skip
     gen.add_argument("--run-id", help="load the weights logged by this MLflow run (a train_cond or train_uncond run, "
                      "or a pipeline's parent run) instead of models/")  # fmt: skip
+    gen.add_argument("--model", metavar="URI", help="load a registered model instead of models/: models:/ddpm-mnist-cond/<version>, "
+                     "models:/ddpm-mnist-cond@<alias> (or -uncond with --unconditional), or a logged model models:/<model id>")  # fmt: skip
     gen.set_defaults(func=generate)
     return parser
 
@@ -120,19 +121,14 @@ def _sample_defaults() -> dict:
     return FALLBACK_SAMPLE
 
 
-def _section(flat: dict[str, str], name: str) -> dict:
-    """{'model.channels': '[16, 32]'} → {'channels': [16, 32]}: MLflow logs params as text."""
-    prefix = f"{name}."
-    return {k.removeprefix(prefix): yaml.safe_load(v) for k, v in flat.items() if k.startswith(prefix)}
-
-
-def _load_model(run_id: str | None, kind: str, device: torch.device) -> tuple[torch.nn.Module, DiffusionParams, str, str]:
-    """The model, its noise schedule's params, where it came from, and its dataset."""
+def _load_model(args: argparse.Namespace, kind: str, device: torch.device) -> tuple[torch.nn.Module, DiffusionParams, str, str]:
+    """The model, its noise schedule's params, where it came from, and its dataset:
+    models/<kind>.pt with ./params.yaml, or the weights and params of --run-id or --model."""
     conditional = kind == "cond"
-    if run_id is None:
+    if args.run_id is None and args.model is None:
         path = Path("models") / f"{kind}.pt"
         if not path.exists():
-            raise CheckpointError(f"{path}: not found; train it with `dvc repro train_{kind}`, or load one from MLflow with --run-id")
+            raise CheckpointError(f"{path}: not found; train it with `dvc repro train_{kind}`, or load one from MLflow with --run-id or --model")
         if not Path("params.yaml").exists():
             raise ConfigError("params.yaml: not found; the models/ weights need the params they were trained with: run in the project folder")
         params = load_params("params.yaml")
@@ -140,18 +136,14 @@ def _load_model(run_id: str | None, kind: str, device: torch.device) -> tuple[to
     from ddpm_core import tracking  # imports mlflow: only when asked for
 
     with tempfile.TemporaryDirectory() as tmp:
-        path, logged = tracking.checkpoint_from_run(Path.cwd(), run_id, kind, Path(tmp))
-        try:
-            model_params = ModelParams.model_validate(_section(logged, "model"))
-            # runs from before v-prediction did not log diffusion.prediction (they predicted ε),
-            # nor those from before offset noise diffusion.offset_noise (they had none)
-            diffusion = DiffusionParams.model_validate({"prediction": "eps", "offset_noise": 0.0, **_section(logged, "diffusion")})
-        except ValidationError as exc:
-            raise TrackingError(f"MLflow run {run_id}: its logged model/diffusion params are unusable ({exc.errors()[0]['msg']})") from None
-        dataset = logged.get("data.dataset", "mnist")  # runs from before Fashion-MNIST did not log it
-        if dataset not in DATASETS:
-            raise TrackingError(f"MLflow run {run_id}: logged data.dataset {dataset!r} is not one of {', '.join(DATASETS)}")
-        return load_unet(path, model_params, conditional, device), diffusion, f"MLflow run {run_id}", dataset
+        if args.model is not None:
+            path, logged = tracking.checkpoint_from_model(Path.cwd(), args.model, kind, Path(tmp))
+            source = args.model
+        else:
+            path, logged = tracking.checkpoint_from_run(Path.cwd(), args.run_id, kind, Path(tmp))
+            source = f"MLflow run {args.run_id}"
+        model_params, diffusion, dataset = params_from_logged(logged, source)
+        return load_unet(path, model_params, conditional, device), diffusion, source, dataset
 
 
 def _classes(args: argparse.Namespace, dataset: str) -> list[int]:
@@ -165,7 +157,9 @@ def generate(args: argparse.Namespace) -> None:
         dataset = _dataset_for_messages()
         raise UsageError(f"say which classes: --prompt {PROMPT_EXAMPLE[dataset]} ({accepted(CLASS_NAMES[dataset])}), or --unconditional")
     # Without --run-id the dataset is params.yaml's: refuse a bad prompt before loading anything.
-    classes = None if args.run_id else _classes(args, _local_dataset())
+    if args.run_id and args.model:
+        raise UsageError("--run-id and --model both name the weights; give one")
+    classes = None if (args.run_id or args.model) else _classes(args, _local_dataset())
     defaults = _sample_defaults()
     sampler_name = args.sampler or defaults["sampler"]
     steps = args.steps or defaults["steps"]
@@ -174,15 +168,12 @@ def generate(args: argparse.Namespace) -> None:
     hardware.configure_threads()
     device = hardware.pick_device()
     kind = "uncond" if args.unconditional else "cond"
-    model, diffusion, source, dataset = _load_model(args.run_id, kind, device)
+    model, diffusion, source, dataset = _load_model(args, kind, device)
     if classes is None:
         classes = _classes(args, dataset)
     if sampler_name != "ddpm" and steps > diffusion.timesteps:
         raise UsageError(f"--steps {steps}: the model has {diffusion.timesteps} diffusion timesteps, steps can't exceed that")
-    # params.yaml's t_min fits its own steps; with --steps, keep the steps distinct
-    t_min = None if defaults["t_min"] is None or steps == 1 else min(defaults["t_min"], diffusion.timesteps - steps)
-    schedule = make_schedule(diffusion.schedule, diffusion.timesteps)
-    sampler = make_sampler(sampler_name, schedule, steps, defaults["eta"], diffusion.prediction, offset_noise=diffusion.offset_noise, t_min=t_min)
+    sampler = sampler_for(diffusion, {**defaults, "sampler": sampler_name}, steps)
 
     labels = torch.tensor(classes).repeat_interleave(args.n) if classes else None
     count = len(labels) if labels is not None else args.n

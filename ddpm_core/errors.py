@@ -32,6 +32,13 @@ class TrackingError(DDPMError):
     """The MLflow store can't be reached or written."""
 
 
+class RegistryError(DDPMError):
+    """A registered model name or model URI that is not this project's, or that names
+    nothing (an unknown version or alias)."""
+
+    exit_code = 2
+
+
 class CheckpointError(DDPMError):
     """A checkpoint is missing, truncated, or not a plain tensor file."""
 

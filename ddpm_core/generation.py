@@ -8,15 +8,22 @@ from typing import Callable, ContextManager
 
 import numpy as np
 import torch
+import yaml
+from pydantic import ValidationError
 from tqdm import tqdm
 
 from ddpm_core import hardware
-from ddpm_core.config import ModelParams
-from ddpm_core.data import NUM_CLASSES, to_uint8
-from ddpm_core.errors import DataError
+from ddpm_core.config import DiffusionParams, ModelParams
+from ddpm_core.data import DATASETS, NUM_CLASSES, to_uint8
+from ddpm_core.errors import DataError, TrackingError
 from ddpm_core.files import load_safe, write_atomic
-from ddpm_core.samplers import sample
+from ddpm_core.samplers import make_sampler, sample
+from ddpm_core.schedule import make_schedule
 from ddpm_core.unet import UNet, build_unet
+
+# The `sample` section of the project's params.yaml, for where none is at hand: weights
+# from an MLflow run or registered model (`ddpm generate --run-id/--model`, the pyfunc).
+DEFAULT_SAMPLE = {"sampler": "dpmpp2m", "steps": 10, "t_min": 10, "guidance": 2.5, "eta": 0.0}
 
 
 def load_unet(path: Path, params: ModelParams, conditional: bool, device: torch.device) -> UNet:
@@ -24,6 +31,41 @@ def load_unet(path: Path, params: ModelParams, conditional: bool, device: torch.
     model = build_unet(params, NUM_CLASSES if conditional else None)
     model.load_state_dict(load_safe(path))
     return hardware.place_model(model, device, hardware.sampling_precision(device)).eval().requires_grad_(False)
+
+
+def _section(flat: dict[str, str], name: str) -> dict:
+    """{'model.channels': '[16, 32]'} → {'channels': [16, 32]}: MLflow logs params as text."""
+    prefix = f"{name}."
+    return {k.removeprefix(prefix): yaml.safe_load(v) for k, v in flat.items() if k.startswith(prefix)}
+
+
+def params_from_logged(flat: dict[str, str], source: str) -> tuple[ModelParams, DiffusionParams, str]:
+    """The architecture, noise schedule and dataset of weights logged to MLflow, from the
+    params logged beside them (flat dotted keys, values as text); `source` names them in errors."""
+    try:
+        model_params = ModelParams.model_validate(_section(flat, "model"))
+        # runs from before v-prediction did not log diffusion.prediction (they predicted ε),
+        # nor those from before offset noise diffusion.offset_noise (they had none)
+        diffusion = DiffusionParams.model_validate({"prediction": "eps", "offset_noise": 0.0, **_section(flat, "diffusion")})
+    except ValidationError as exc:
+        raise TrackingError(f"{source}: its logged model/diffusion params are unusable ({exc.errors()[0]['msg']})") from None
+    dataset = flat.get("data.dataset", "mnist")  # runs from before Fashion-MNIST did not log it
+    if dataset not in DATASETS:
+        raise TrackingError(f"{source}: logged data.dataset {dataset!r} is not one of {', '.join(DATASETS)}")
+    return model_params, diffusion, dataset
+
+
+def sampler_for(diffusion: DiffusionParams, sample_params: dict, steps: int | None = None):
+    """The sampler of a `sample` section (params.yaml's, or DEFAULT_SAMPLE) for a model of
+    `diffusion`, with `steps` overriding its steps. sample.t_min fits its own steps; with
+    other steps it is lowered so that the steps stay distinct."""
+    steps = steps or sample_params["steps"]
+    t_min = sample_params["t_min"]
+    t_min = None if t_min is None or steps == 1 else min(t_min, diffusion.timesteps - steps)
+    schedule = make_schedule(diffusion.schedule, diffusion.timesteps)
+    return make_sampler(
+        sample_params["sampler"], schedule, steps, sample_params["eta"], diffusion.prediction, offset_noise=diffusion.offset_noise, t_min=t_min
+    )
 
 
 def balanced_labels(n: int, num_classes: int = NUM_CLASSES) -> torch.Tensor:

@@ -9,26 +9,34 @@ a child run under it. The store is `sqlite:///<root>/mlflow.db` with artifacts i
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
+import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 import mlflow
+import mlflow.pyfunc
 import numpy as np
+import pandas as pd
 import psutil
 import requests
 from filelock import FileLock
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelOutput, LoggedModelStatus, Metric, Param, RunStatus, RunTag
+from mlflow.models import Model, ModelSignature
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
 from ddpm_core.config import flatten
-from ddpm_core.errors import TrackingError
+from ddpm_core.errors import RegistryError, TrackingError
 
 # MLflow announces at INFO level that it creates or migrates its tables; stages stay quiet.
 for _name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
@@ -44,6 +52,21 @@ ROLE_TAG = "ddpm.role"  # "pipeline" on parent runs, "stage" on their children
 ENV_TAG_PREFIX = "env."
 HOST_TAG = "ddpm.host"  # with PID_TAG: which process a stage run belongs to, to spot orphans
 PID_TAG = "ddpm.pid"
+
+
+# Logged and registered models. A registered model this project made carries
+# PROJECT_TAG; one of that name without it is someone else's, and is left alone.
+PROJECT_TAG = "ddpm.project"
+KIND_TAG = "ddpm.kind"  # uncond or cond, on logged models and on registered models
+WEIGHTS_TAG = "ddpm.weights_sha256"  # on logged models: which models/<kind>.pt they hold
+MODEL_TYPE = "ddpm-unet"
+WEIGHTS_FILE = "weights.pt"  # artifacts of a logged model: the EMA state_dict ...
+PARAMS_FILE = "params.json"  # ... and the params it was trained with, {kind, params (flat, text)}
+
+
+def registered_name(kind: str) -> str:
+    """The registered model that gets a version per trained model: ddpm-mnist-cond, -uncond."""
+    return f"{EXPERIMENT}-{kind}"
 
 
 LOCK_RETRY_SECONDS = (1, 2, 4, 8, 15, 30, 60)  # waits between tries on a locked SQLite store
@@ -67,7 +90,9 @@ class _PatientClient:
     """
 
     def __init__(self, uri: str):
-        self._client = MlflowClient(uri)
+        # The registry in the same store: by default MLflow takes the process's global one.
+        self._client = MlflowClient(uri, registry_uri=uri)
+        self.uri = uri
 
     def __getattr__(self, name: str):
         method = getattr(self._client, name)
@@ -154,10 +179,11 @@ class _SystemMetrics(SystemMetricsMonitor):
 class StageRun:
     """A child run of the pipeline's parent run; what a stage logs goes here."""
 
-    def __init__(self, client: _PatientClient, run_id: str, parent_id: str):
+    def __init__(self, client: _PatientClient, run_id: str, parent_id: str, experiment_id: str = ""):
         self.client = client
         self.run_id = run_id
         self.parent_id = parent_id
+        self.experiment_id = experiment_id
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         """Log numbers; nested dicts become dotted keys ({'acc': {'3': x}} → 'acc.3')."""
@@ -167,10 +193,85 @@ class StageRun:
         """Log final numbers on the pipeline's parent run, where runs are compared."""
         self._log(self.parent_id, metrics, None)
 
-    def _log(self, run_id: str, metrics: dict, step: int | None) -> None:
+    def _log(self, run_id: str, metrics: dict, step: int | None, model_id: str | None = None) -> None:
         timestamp = int(time.time() * 1000)
-        entries = [Metric(k, float(v), timestamp, step or 0) for k, v in flatten(metrics).items()]
+        entries = [Metric(k, float(v), timestamp, step or 0, model_id=model_id) for k, v in flatten(metrics).items()]
         self.client.log_batch(run_id, metrics=entries)
+
+    def log_model_metrics(self, model_id: str, metrics: dict) -> None:
+        """Log numbers on this run, linked to a logged model: its page lists them."""
+        self._log(self.run_id, metrics, None, model_id)
+
+    def logged_model_of(self, weights: Path) -> str | None:
+        """The id of the latest READY logged model holding exactly these weights, if any
+        (none when DVC restored them from its cache after the store was reset)."""
+        found = self.client.search_logged_models(
+            [self.experiment_id], filter_string=f"tags.`{WEIGHTS_TAG}` = '{_sha256(weights)}'",
+            order_by=[{"field_name": "creation_time", "ascending": False}],
+        )  # fmt: skip
+        ready = [m for m in found if m.status == LoggedModelStatus.READY]
+        return ready[0].model_id if ready else None
+
+    def check_registry(self, kind: str) -> None:
+        """Refuse, before any work, a registered model of our name that this project did not make."""
+        _registered_model(self.client, registered_name(kind))
+
+    def log_model(self, kind: str, weights: Path, params: dict[str, Any], version_tags: dict[str, str]) -> tuple[str, int]:
+        """The weights as an MLflow logged model (a pyfunc that draws images, `DigitSampler`)
+        from this run, an output of this run and of the parent run, and a new version of
+        the registered model `registered_name(kind)` tagged with `version_tags`. Returns
+        (model id, version). On failure the logged model is marked FAILED and no version
+        (nor a registered model made for it) is left behind."""
+        name = registered_name(kind)
+        existing = _registered_model(self.client, name)
+        flat = _stringify(params)
+        digest = _sha256(weights)
+        model = self.client.create_logged_model(
+            self.experiment_id, name=name, source_run_id=self.run_id, params=flat, model_type=MODEL_TYPE,
+            tags={KIND_TAG: kind, WEIGHTS_TAG: digest},
+        )  # fmt: skip
+        created = False
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                spec = Path(tmp) / PARAMS_FILE
+                spec.write_text(json.dumps({"kind": kind, "params": flat}, indent=1))
+                code = Path(tmp) / "digit_sampler.py"  # MLflow's "models from code": no pickle
+                code.write_text(PYFUNC_CODE)
+                local = Path(tmp) / "model"
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+                    mlflow.pyfunc.save_model(
+                        local, python_model=str(code), artifacts={"weights": str(weights), "params": str(spec)},
+                        signature=_signature(kind), pip_requirements=_requirements(),
+                        mlflow_model=Model(artifact_path=model.artifact_location, model_uuid=model.model_id, run_id=self.run_id, model_id=model.model_id),
+                    )  # fmt: skip
+                shutil.copy(weights, local / WEIGHTS_FILE)
+                shutil.copy(spec, local / PARAMS_FILE)
+                self.client.log_model_artifacts(model.model_id, str(local))
+            self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+            for run_id in (self.run_id, self.parent_id):
+                self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+            if existing is None:
+                try:
+                    self.client.create_registered_model(name, tags={PROJECT_TAG: EXPERIMENT, KIND_TAG: kind},
+                                                        description=f"ddpm-mnist: the {'class-conditional' if kind == 'cond' else 'unconditional'} diffusion model")  # fmt: skip
+                    created = True
+                except mlflow.exceptions.MlflowException:
+                    _registered_model(self.client, name)  # made meanwhile by a parallel experiment: ours?
+            # The source models:/<id> links the version to the logged model (the UI follows
+            # it); the registry looks that id up in the process's global store, so point it at ours.
+            with _global_store(self.client.uri):
+                version = self.client.create_model_version(
+                    name, source=f"models:/{model.model_id}", run_id=self.run_id, tags=version_tags, model_id=model.model_id, await_creation_for=0
+                )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+            if created:
+                with contextlib.suppress(Exception):
+                    self.client.delete_registered_model(name)
+            raise
+        return model.model_id, int(version.version)
 
     def log_image(self, image: np.ndarray, key: str, step: int) -> None:
         self.client.log_image(self.run_id, image, key=key, step=step)
@@ -270,7 +371,7 @@ def stage_run(
             HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
         },  # fmt: skip
     )
-    run = StageRun(client, child.info.run_id, parent_id)
+    run = StageRun(client, child.info.run_id, parent_id, experiment_id)
     if environment:
         tags = {f"{ENV_TAG_PREFIX}{k}": v for k, v in environment.items()}
         if "git_revision" in environment:
@@ -337,3 +438,167 @@ def checkpoint_from_run(root: Path, run_id: str, kind: str, dest: Path) -> tuple
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TrackingError(f"MLflow run {run.info.run_id}: no checkpoint/{kind}.pt artifact ({first})") from None
     return Path(local), dict(run.data.params)
+
+
+@contextlib.contextmanager
+def _global_store(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking URI set to `uri` for a moment, then as it was (it is
+    also the environment variable MLFLOW_TRACKING_URI, which `tracking_uri` reads)."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _registered_model(client: _PatientClient, name: str):
+    """The registered model `name` if it exists (None if not); a RegistryError if it exists
+    but this project did not make it."""
+    try:
+        model = client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    if model.tags.get(PROJECT_TAG) != EXPERIMENT:
+        raise RegistryError(
+            f"registered model {name!r} exists in the MLflow store but was not made by this project (no {PROJECT_TAG} tag); "
+            "rename or delete it, or use another MLFLOW_TRACKING_URI"
+        )
+    return model
+
+
+def _signature(kind: str) -> ModelSignature:
+    """Input: one row per image (column `label`, the class, for the conditional model; any
+    column for the unconditional one); params: the sampler's; output: uint8 (N, 28, 28)."""
+    from ddpm_core.generation import DEFAULT_SAMPLE
+
+    columns = [ColSpec("long", "label")] if kind == "cond" else [ColSpec("long", "index", required=False)]
+    params = ParamSchema([
+        ParamSpec("seed", "long", 0), ParamSpec("sampler", "string", DEFAULT_SAMPLE["sampler"]),
+        ParamSpec("steps", "long", DEFAULT_SAMPLE["steps"]), ParamSpec("guidance", "double", DEFAULT_SAMPLE["guidance"]),
+    ])  # fmt: skip
+    return ModelSignature(inputs=Schema(columns), outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 28, 28))]), params=params)
+
+
+def _requirements() -> list[str]:
+    """What loading the pyfunc elsewhere needs: this project (ddpm_core) and its pins."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for package in ("torch", "torchvision", "numpy", "pandas", "pyyaml", "pydantic", "mlflow"):
+        try:
+            pins.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            pass
+    return pins
+
+
+class DigitSampler(mlflow.pyfunc.PythonModel):
+    """The pyfunc flavour of a trained model: `mlflow.pyfunc.load_model(uri).predict(df)`
+    draws one image per row of `df` (the conditional model reads the class from its
+    `label` column), with params seed, sampler, steps and guidance, and returns them as
+    uint8 (N, 28, 28). The same input and params give the same bytes. Needs ddpm_core
+    importable (this project installed) where it is loaded."""
+
+    def load_context(self, context) -> None:
+        from ddpm_core import hardware
+        from ddpm_core.generation import load_unet, params_from_logged
+
+        spec = json.loads(Path(context.artifacts["params"]).read_text())
+        self.kind = spec["kind"]
+        model_params, self.diffusion, self.dataset = params_from_logged(spec["params"], "this model")
+        self.device = hardware.pick_device()
+        self.model = load_unet(Path(context.artifacts["weights"]), model_params, self.kind == "cond", self.device)
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
+        import torch
+
+        from ddpm_core import hardware
+        from ddpm_core.data import NUM_CLASSES
+        from ddpm_core.generation import DEFAULT_SAMPLE, generate, sampler_for
+
+        p = {**DEFAULT_SAMPLE, **(params or {})}
+        labels = None
+        if self.kind == "cond":
+            labels = torch.tensor(np.asarray(model_input["label"], dtype=np.int64))
+            if labels.numel() and not bool(((labels >= 0) & (labels < NUM_CLASSES)).all()):
+                raise ValueError(f"label must be a class 0..{NUM_CLASSES - 1}; got {sorted(set(labels.tolist()))}")
+        sampler = sampler_for(self.diffusion, p, int(p["steps"]))
+        generator = torch.Generator().manual_seed(int(p["seed"]))
+        guidance = float(p["guidance"]) if labels is not None else 1.0
+        autocast = hardware.sampling_autocast(self.device)
+        images = generate(self.model, sampler, len(model_input), generator, labels, guidance, 128, self.device, autocast, desc="pyfunc")
+        return images[:, 0].numpy()
+
+
+# The pyfunc's code, saved with each logged model (MLflow's "models from code").
+PYFUNC_CODE = """\
+import mlflow
+from ddpm_core.tracking import DigitSampler
+
+mlflow.models.set_model(DigitSampler())
+"""
+
+
+def _parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """models:/<name>/<version>, models:/<name>@<alias>, or models:/<model id> (a logged
+    model) → (name or model id, version, alias)."""
+    if not uri.startswith("models:/") or not uri.removeprefix("models:/").strip("/"):
+        raise RegistryError(f"{uri}: not a model URI; give models:/<name>/<version>, models:/<name>@<alias> or models:/<model id>")
+    rest = uri.removeprefix("models:/").strip("/")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return name, None, alias
+    if "/" in rest:
+        name, version = rest.split("/", 1)
+        return name, version, None
+    return rest, None, None
+
+
+def checkpoint_from_model(root: Path, uri: str, kind: str, dest: Path) -> tuple[Path, dict[str, str]]:
+    """The weights of a model URI (a registered version or alias of ddpm-mnist-<kind>, or a
+    logged model id), downloaded into `dest`, and the params they were trained with (flat,
+    as text). A URI that names nothing, or a model that is not this project's `kind`
+    model, is a RegistryError naming it."""
+    store = tracking_uri(root)
+    if store.startswith("sqlite:///") and not Path(_sqlite_path(store)).exists():
+        raise TrackingError(f"no MLflow store at {store}; run from the project folder, or set MLFLOW_TRACKING_URI")
+    client = _PatientClient(store)
+    name, version, alias = _parse_model_uri(uri)
+    try:
+        if alias is not None or version is not None:
+            found = client.get_model_version_by_alias(name, alias) if alias is not None else client.get_model_version(name, version)
+            # A SQL store keeps the link to the logged model only as the source models:/<id>.
+            model_id = found.model_id or (found.source.removeprefix("models:/") if found.source.startswith("models:/m-") else None)
+        else:
+            model_id = name
+        if not model_id:
+            raise RegistryError(f"{uri}: this version has no logged model behind it; it was not registered by this project")
+        model = client.get_logged_model(model_id)
+    except mlflow.exceptions.MlflowException as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RegistryError(f"{uri}: not found in {store} ({first})") from None
+    found = model.tags.get(KIND_TAG)
+    if model.model_type != MODEL_TYPE or found not in ("cond", "uncond"):
+        raise RegistryError(f"{uri}: not a ddpm-mnist model (model type {model.model_type!r}); give one of {registered_name('cond')} or {registered_name('uncond')}")
+    if found != kind:
+        hint = "drop --unconditional" if found == "cond" else "add --unconditional (and drop --prompt)"
+        raise RegistryError(f"{uri}: is the {'conditional' if found == 'cond' else 'unconditional'} model; {hint}")
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{model.artifact_location.rstrip('/')}/{WEIGHTS_FILE}", dst_path=str(dest), tracking_uri=store
+        )
+    except (mlflow.exceptions.MlflowException, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrackingError(f"{uri}: its weights could not be downloaded ({first})") from None
+    return Path(local), dict(model.params)

@@ -95,6 +95,18 @@ def pipeline_identity() -> tuple[str, str]:
     return pipeline_id, name
 
 
+def model_version_tags(params: Params) -> dict[str, str]:
+    """Tags of a registered model version: the DVC experiment that made it ("workspace" for
+    a plain `dvc repro`), the git revision, this pipeline execution and the dataset."""
+    pipeline_id, _ = pipeline_identity()
+    return {
+        "dvc.experiment": os.environ.get("DVC_EXP_NAME") or "workspace",
+        "git.revision": environment.git_revision(Path.cwd()),
+        "ddpm.pipeline_id": pipeline_id,
+        "data.dataset": params.data.dataset,
+    }
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: Params) -> Iterator[tracking.StageRun]:
     """The MLflow child run of this stage, under this execution's parent run."""

@@ -49,7 +49,16 @@ def run(params):
         if sweep:
             metrics["guidance_sweep"] = evaluate_guidance_sweep(classifier, fid, real.images, sweep, fid_alt)
         write_text_atomic(Path("reports/metrics.json"), json.dumps(metrics, indent=2) + "\n")
-        run.log_metrics(metrics)
+        # Each model's own numbers are linked to its logged model (its MLflow page lists
+        # them); the rest, and all of them on the parent run, as plain run metrics.
+        linked = set()
+        for kind in ("uncond", "cond"):
+            model_id = run.logged_model_of(Path("models") / f"{kind}.pt")
+            if model_id is not None:
+                own = {k: v for k, v in metrics.items() if kind in k.split("_")}
+                run.log_model_metrics(model_id, own)
+                linked |= own.keys()
+        run.log_metrics({k: v for k, v in metrics.items() if k not in linked})
         run.log_parent_metrics(metrics)
     print(
         f"evaluate: FID uncond {metrics['fid_uncond']:.2f}, cond {metrics['fid_cond']:.2f} "

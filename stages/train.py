@@ -6,7 +6,10 @@ torch.load(path, weights_only=True)), the loss curve to reports/loss_<kind>.csv 
 epoch, loss: one row every `train.log_every` optimizer steps and at each epoch's end) and
 a summary to reports/train_<kind>.json. Logs params, that curve with lr, gradient norm,
 images/s and the ε-loss by noise level, the per-epoch mean loss, and a sample grid every
-`train.preview_every` steps to the stage's MLflow run. An interrupted run resumes from
+`train.preview_every` steps to the stage's MLflow run, with the training set as its input
+dataset. The EMA weights become an MLflow logged model (a pyfunc that draws images) and a
+new version of the registered model ddpm-mnist-<kind>, tagged with the DVC experiment and
+the git revision. An interrupted run resumes from
 its last completed epoch when started again with the same params.
 """
 
@@ -18,6 +21,7 @@ from pathlib import Path
 import common
 from ddpm_core.data import dataset_record, load_images
 from ddpm_core.files import save_atomic, write_text_atomic
+from ddpm_core.tracking import registered_name
 from ddpm_core.train import CURVE_COLUMNS, run_fingerprint, train_diffusion
 
 
@@ -27,6 +31,7 @@ def run(params, kind: str):
     data = load_images(common.DATA, params.data.dataset, train=True, subset=params.data.train_subset)
     resume_path = common.resume_dir() / f"{stage}-{run_fingerprint(params, conditional)}.pt"
     with common.stage_run(stage, params) as run:
+        run.check_registry(kind)  # a registry name clash stops us before training, not after
         run.log_dataset(**dataset_record(common.DATA, params.data.dataset, data, True, params.data.train_subset), context="training")
         try:
             result = train_diffusion(data, params, conditional, resume_path, tracker=run, name=stage)
@@ -48,6 +53,8 @@ def run(params, kind: str):
         run.log_metrics({"final_loss": summary["final_loss"], "train_seconds": summary["train_seconds"], "mean_images_per_s": summary["images_per_s"]})
         run.set_tags({"precision": result.precision, "device": result.device, "resumed_after_epoch": result.resumed_after_epoch})
         run.log_artifact(weights, "checkpoint")
+        model_id, version = run.log_model(kind, weights, common.stage_keys(stage, params), common.model_version_tags(params))
+        print(f"{stage}: logged model {model_id}, registered as models:/{registered_name(kind)}/{version}", flush=True)
     resume_path.unlink(missing_ok=True)
 
 

@@ -134,4 +134,6 @@ def tiny_pipeline_copy(tiny_pipeline, tmp_path) -> Path:
     with sqlite3.connect(copy / "mlflow.db") as db:
         db.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (old, new))
         db.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (old, new))
+        db.execute("UPDATE logged_models SET artifact_location = replace(artifact_location, ?, ?)", (old, new))
+        db.execute("UPDATE model_versions SET storage_location = replace(storage_location, ?, ?)", (old, new))
     return copy

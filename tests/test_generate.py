@@ -108,8 +108,8 @@ def test_unknown_prompt_is_one_line_listing_the_words(tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--prompt", "7"], "error: models/cond.pt: not found; train it with `dvc repro train_cond`, or load one from MLflow with --run-id"),
-        (["--unconditional"], "error: models/uncond.pt: not found; train it with `dvc repro train_uncond`, or load one from MLflow with --run-id"),
+        (["--prompt", "7"], "error: models/cond.pt: not found; train it with `dvc repro train_cond`, or load one from MLflow with --run-id or --model"),
+        (["--unconditional"], "error: models/uncond.pt: not found; train it with `dvc repro train_uncond`, or load one from MLflow with --run-id or --model"),
         (["--unconditional", "--prompt", "7"], "error: --unconditional draws any class; leave out --prompt"),
     ],
 )
@@ -138,7 +138,24 @@ def test_run_id_loads_the_logged_checkpoint_and_plot_made_the_gif(tiny_pipeline_
         proc = run_cli(project, "--prompt", "0 1 2", "--n", "4", "--out", str(out), *extra)
         assert proc.returncode == 0, proc.stderr
         outputs[name] = out.read_bytes()
-    assert outputs["local"] == outputs["parent"] == outputs["child"]
+    # The registry: each training registered a version; by version, alias and logged-model id.
+    version = client.get_model_version("ddpm-mnist-cond", "1")
+    client.set_registered_model_alias("ddpm-mnist-cond", "champion", "1")
+    model_id = version.source.removeprefix("models:/")
+    for name, uri in (("version", "models:/ddpm-mnist-cond/1"), ("alias", "models:/ddpm-mnist-cond@champion"), ("logged", f"models:/{model_id}")):
+        out = tmp_path / f"{name}.png"
+        proc = run_cli(project, "--prompt", "0 1 2", "--n", "4", "--out", str(out), "--model", uri)
+        assert proc.returncode == 0, proc.stderr
+        assert f"; {uri})" in proc.stdout
+        outputs[name] = out.read_bytes()
+    assert outputs["local"] == outputs["parent"] == outputs["child"] == outputs["version"] == outputs["alias"] == outputs["logged"]
+    for args, message in (
+        (["--prompt", "4", "--model", "models:/ddpm-mnist-cond@nope"], "error: models:/ddpm-mnist-cond@nope: not found in"),
+        (["--unconditional", "--model", "models:/ddpm-mnist-cond/1"], "error: models:/ddpm-mnist-cond/1: is the conditional model; drop --unconditional"),
+        (["--prompt", "4", "--model", "models:/ddpm-mnist-cond/1", "--run-id", parent], "error: --run-id and --model both name the weights; give one"),
+    ):
+        proc = run_cli(project, *args)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(message), proc.stderr
 
     proc = run_cli(project, "--prompt", "4", "--run-id", "0" * 32)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [f"error: MLflow run {'0' * 32}: not found in sqlite:///{project}/mlflow.db"]

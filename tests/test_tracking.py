@@ -8,6 +8,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from ddpm_core import tracking
+from ddpm_core.config import flatten
 from ddpm_core.data import ImageSet, dataset_record, load_images
 
 
@@ -64,3 +65,118 @@ def test_system_metrics_are_logged_unless_switched_off(tmp_path, monkeypatch, en
         assert len(client.get_metric_history(run.run_id, "system/cpu_utilization_percentage")) >= 2
     else:
         assert system == set()
+
+
+# --- logged and registered models ---------------------------------------------------------
+
+
+@pytest.fixture
+def weights(tmp_path, tiny_params):
+    """Untrained weights of the tiny conditional and unconditional U-Nets, and the params."""
+    from ddpm_core.unet import build_unet
+
+    paths = {}
+    for kind, classes in (("cond", 10), ("uncond", None)):
+        torch.manual_seed(0)
+        paths[kind] = tmp_path / f"{kind}.pt"
+        torch.save(build_unet(tiny_params.model, classes).state_dict(), paths[kind])
+    return paths, flatten(tiny_params)
+
+
+def register(root, kind, path, params, tags=None):
+    with tracking.stage_run(root, "p", "p", f"train_{kind}", params, {}) as run:
+        run.check_registry(kind)
+        model_id, version = run.log_model(kind, path, params, tags or {"dvc.experiment": "workspace"})
+    return run, model_id, version
+
+
+def test_trained_weights_become_a_logged_model_and_a_registered_version(tmp_path, weights, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    paths, params = weights
+    run, first_id, first = register(tmp_path / "store", "cond", paths["cond"], params, {"dvc.experiment": "exp-a", "git.revision": "abc"})
+    _, second_id, second = register(tmp_path / "store", "cond", paths["cond"], params)
+    assert (first, second) == (1, 2) and first_id != second_id
+    client, experiment_id = store(tmp_path / "store")
+
+    model = client.get_logged_model(first_id)
+    assert model.status == "READY" and model.source_run_id == run.run_id and model.model_type == tracking.MODEL_TYPE
+    assert model.params["model.channels"] == str(params["model.channels"])
+    assert [o.model_id for o in client.get_run(run.run_id).outputs.model_outputs] == [first_id]
+    assert first_id in [o.model_id for o in client.get_run(run.parent_id).outputs.model_outputs]
+    version = client.get_model_version("ddpm-mnist-cond", "1")
+    assert version.source == f"models:/{first_id}" and version.tags == {"dvc.experiment": "exp-a", "git.revision": "abc"}
+    assert client.get_registered_model("ddpm-mnist-cond").tags[tracking.PROJECT_TAG] == tracking.EXPERIMENT
+
+    # Loaded back through the registry, by version and by alias: the same bytes and params.
+    client.set_registered_model_alias("ddpm-mnist-cond", "champion", "2")
+    for uri in ("models:/ddpm-mnist-cond/1", "models:/ddpm-mnist-cond@champion", f"models:/{second_id}"):
+        local, logged = tracking.checkpoint_from_model(tmp_path / "store", uri, "cond", tmp_path / uri.replace("/", "_"))
+        assert local.read_bytes() == paths["cond"].read_bytes() and logged == model.params
+
+    # The evaluate stage finds the model by its weights and links metrics to it.
+    with tracking.stage_run(tmp_path / "store", "p", "p", "evaluate", {}, {}) as evaluate:
+        assert evaluate.logged_model_of(paths["cond"]) == second_id
+        assert evaluate.logged_model_of(paths["uncond"]) is None
+        evaluate.log_model_metrics(second_id, {"fid_cond": 2.5})
+    assert {m.key: m.value for m in client.get_logged_model(second_id).metrics} == {"fid_cond": 2.5}
+
+
+def test_the_pyfunc_draws_one_image_per_row_the_same_for_the_same_seed(tmp_path, weights, monkeypatch):
+    import mlflow.pyfunc
+    import numpy as np
+    import pandas as pd
+
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    paths, params = weights
+    register(tmp_path, "cond", paths["cond"], params)
+    register(tmp_path, "uncond", paths["uncond"], params)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.tracking_uri(tmp_path))
+    cond = mlflow.pyfunc.load_model("models:/ddpm-mnist-cond/1")
+    images = cond.predict(pd.DataFrame({"label": [3, 1, 4]}), params={"seed": 7, "steps": 3})
+    assert images.shape == (3, 28, 28) and images.dtype == np.uint8
+    assert np.array_equal(images, cond.predict(pd.DataFrame({"label": [3, 1, 4]}), params={"seed": 7, "steps": 3}))
+    assert not np.array_equal(images, cond.predict(pd.DataFrame({"label": [3, 1, 4]}), params={"seed": 8, "steps": 3}))
+    with pytest.raises(Exception, match=r"label must be a class 0\.\.9; got \[12\]"):
+        cond.predict(pd.DataFrame({"label": [12]}))
+    uncond = mlflow.pyfunc.load_model("models:/ddpm-mnist-uncond/1")
+    assert uncond.predict(pd.DataFrame({"index": range(5)}), params={"steps": 2}).shape == (5, 28, 28)
+
+
+def test_bad_model_uris_and_a_foreign_registered_model_are_one_line_and_leave_nothing(tmp_path, weights, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from ddpm_core.errors import RegistryError
+
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    paths, params = weights
+    register(tmp_path, "cond", paths["cond"], params)
+    root = tmp_path
+    for uri, message in (
+        ("models:/ddpm-mnist-cond@nope", "models:/ddpm-mnist-cond@nope: not found in"),
+        ("models:/ddpm-mnist-cond/9", "models:/ddpm-mnist-cond/9: not found in"),
+        ("models:/ddpm-mnist-uncond/1", "models:/ddpm-mnist-uncond/1: not found in"),
+        ("runs:/abc/model", "runs:/abc/model: not a model URI"),
+    ):
+        with pytest.raises(RegistryError, match=message) as info:
+            tracking.checkpoint_from_model(root, uri, "cond", tmp_path / "dl")
+        assert "\n" not in str(info.value) and info.value.exit_code == 2
+    with pytest.raises(RegistryError, match="models:/ddpm-mnist-cond/1: is the conditional model; drop --unconditional"):
+        tracking.checkpoint_from_model(root, "models:/ddpm-mnist-cond/1", "uncond", tmp_path / "dl")
+
+    client = MlflowClient(tracking.tracking_uri(root))
+    experiment_id = client.get_experiment_by_name(tracking.EXPERIMENT).experiment_id
+    other = client.create_logged_model(experiment_id, name="someone-elses", model_type="sklearn")
+    client.create_registered_model("other-model")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.tracking_uri(root))  # where the registry looks the model id up
+    client.create_model_version("other-model", source=f"models:/{other.model_id}", model_id=other.model_id)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with pytest.raises(RegistryError, match="models:/other-model/1: not a ddpm-mnist model"):
+        tracking.checkpoint_from_model(root, "models:/other-model/1", "cond", tmp_path / "dl")
+
+    # Someone else's registered model of our name: refused before any work, nothing registered.
+    client.create_registered_model("ddpm-mnist-uncond")
+    before = len(client.search_logged_models([experiment_id]))
+    with pytest.raises(RegistryError, match="registered model 'ddpm-mnist-uncond' exists in the MLflow store but was not made by this project"):
+        register(root, "uncond", paths["uncond"], params)
+    assert len(client.search_logged_models([experiment_id])) == before
+    assert client.search_model_versions("name = 'ddpm-mnist-uncond'") == []
