@@ -167,6 +167,15 @@ class _SystemMetrics(SystemMetricsMonitor):
         super().__init__(run_id, sampling_interval=SYSTEM_METRICS_SECONDS, tracking_uri=uri)
         self._client = client
 
+    def finish(self) -> None:
+        """Stop, then log one last sample: a stage shorter than the interval still gets one."""
+        started = self._process is not None
+        super().finish()
+        if started:
+            with contextlib.suppress(Exception):  # never fail a stage over its system metrics
+                self.collect_metrics()
+                self.publish_metrics(self.aggregate_metrics())
+
     def publish_metrics(self, metrics: dict[str, float]) -> None:
         timestamp = int(time.time() * 1000)
         entries = [Metric(self._metrics_prefix + k, float(v), timestamp, self._logging_step) for k, v in metrics.items()]
@@ -238,7 +247,7 @@ class StageRun:
                 code = Path(tmp) / "digit_sampler.py"  # MLflow's "models from code": no pickle
                 code.write_text(PYFUNC_CODE)
                 local = Path(tmp) / "model"
-                with warnings.catch_warnings():
+                with warnings.catch_warnings(), _quiet_artifact_copies():
                     warnings.filterwarnings("ignore", message=".*input example was not provided.*")
                     mlflow.pyfunc.save_model(
                         local, python_model=str(code), artifacts={"weights": str(weights), "params": str(spec)},
@@ -275,6 +284,10 @@ class StageRun:
 
     def log_image(self, image: np.ndarray, key: str, step: int) -> None:
         self.client.log_image(self.run_id, image, key=key, step=step)
+
+    def log_parent_image(self, image: np.ndarray, key: str, step: int = 0) -> None:
+        """An image on the parent run, where ticking two runs in the UI shows them side by side."""
+        self.client.log_image(self.parent_id, image, key=key, step=step)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
@@ -438,6 +451,20 @@ def checkpoint_from_run(root: Path, run_id: str, kind: str, dest: Path) -> tuple
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TrackingError(f"MLflow run {run.info.run_id}: no checkpoint/{kind}.pt artifact ({first})") from None
     return Path(local), dict(run.data.params)
+
+
+@contextlib.contextmanager
+def _quiet_artifact_copies() -> Iterator[None]:
+    """No "Downloading artifacts" bars while save_model copies the weights into the model."""
+    before = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"]
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = before
 
 
 @contextlib.contextmanager

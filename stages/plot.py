@@ -23,11 +23,9 @@ from ddpm_core.animation import denoising_gif
 from ddpm_core.config import flatten
 from ddpm_core.data import DATASETS, NUM_CLASSES, load_images, to_model_range
 from ddpm_core.files import write_atomic, write_text_atomic
-from ddpm_core.generation import load_samples, load_unet
+from ddpm_core.generation import load_samples, load_unet, sampler_for
 from ddpm_core.prompts import class_labels
 from ddpm_core.report import render_report
-from ddpm_core.samplers import make_sampler
-from ddpm_core.schedule import make_schedule
 from ddpm_core.seeding import derived_seed, seed_everything
 from ddpm_core.evaluation import sweep_rows
 from ddpm_core.viz import class_rows_grid, grid_figure, guidance_sweep_figure, image_grid, loss_curves, per_class_bars
@@ -52,7 +50,7 @@ def denoising_animation(params, path: Path) -> None:
     device = hardware.pick_device()
     autocast = hardware.sampling_autocast(device)
     model = load_unet(Path("models/cond.pt"), params.model, True, device)
-    sampler = make_sampler(sp.sampler, make_schedule(params.diffusion.schedule, params.diffusion.timesteps), sp.steps, sp.eta, params.diffusion.prediction, offset_noise=params.diffusion.offset_noise, t_min=sp.t_min)
+    sampler = sampler_for(params.diffusion, sp.model_dump())
     labels = torch.arange(NUM_CLASSES).repeat_interleave(ANIMATION_COLUMNS)
     generator = torch.Generator().manual_seed(derived_seed(params.seed, "plot/denoising"))
     denoising_gif(path, model, sampler, labels, ANIMATION_COLUMNS, generator, sp.guidance, device, autocast)

@@ -20,9 +20,7 @@ from PIL import Image
 import common
 from ddpm_core import hardware
 from ddpm_core.files import write_atomic
-from ddpm_core.generation import balanced_labels, generate, load_unet, save_samples, sweep_samples_path
-from ddpm_core.samplers import make_sampler
-from ddpm_core.schedule import make_schedule
+from ddpm_core.generation import balanced_labels, generate, load_unet, sampler_for, save_samples, sweep_samples_path
 from ddpm_core.seeding import derived_seed, seed_everything
 from ddpm_core.viz import class_rows_grid, image_grid
 
@@ -38,7 +36,7 @@ def run(params):
     seed_everything(params.seed)
     device = hardware.pick_device()
     autocast = hardware.sampling_autocast(device)
-    schedule = make_schedule(params.diffusion.schedule, params.diffusion.timesteps)
+    sampler = sampler_for(params.diffusion, sp.model_dump())
     n = params.evaluate.num_samples
     with common.stage_run("sample", params) as run:
         rates = {}
@@ -49,7 +47,7 @@ def run(params):
             generator = torch.Generator().manual_seed(derived_seed(params.seed, f"sample/{kind}"))
             started = time.perf_counter()
             images = generate(
-                model, make_sampler(sp.sampler, schedule, sp.steps, sp.eta, params.diffusion.prediction, offset_noise=params.diffusion.offset_noise, t_min=sp.t_min), n, generator, labels,
+                model, sampler, n, generator, labels,
                 sp.guidance if conditional else 1.0, sp.batch_size, device, autocast, desc=f"sample {kind}",
             )  # fmt: skip
             rates[kind] = n / (time.perf_counter() - started)
@@ -61,6 +59,7 @@ def run(params):
                 grid = image_grid(images[:100], nrow=10)
             save_png(OUT / f"{kind}.png", grid)
             run.log_image(grid, key=f"samples_{kind}", step=0)
+            run.log_parent_image(grid, key=f"samples_{kind}")
             print(f"sample {kind}: {n} images, {rates[kind]:.1f} images/s")
         run.log_metrics({f"images_per_s_{k}": v for k, v in rates.items()})
 
@@ -69,7 +68,7 @@ def run(params):
             labels = balanced_labels(sweep_n)
             generator = torch.Generator().manual_seed(derived_seed(params.seed, f"sample/sweep/{w:g}"))
             images = generate(
-                model, make_sampler(sp.sampler, schedule, sp.steps, sp.eta, params.diffusion.prediction, offset_noise=params.diffusion.offset_noise, t_min=sp.t_min), sweep_n, generator, labels,
+                model, sampler, sweep_n, generator, labels,
                 w, sp.batch_size, device, autocast, desc=f"sweep guidance {w:g}",
             )  # fmt: skip
             save_samples(sweep_samples_path(OUT, w), images, labels)

@@ -126,11 +126,15 @@ def tiny_pipeline(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tiny_pipeline_copy(tiny_pipeline, tmp_path) -> Path:
-    """A private copy of `tiny_pipeline`: git, DVC cache, outputs and MLflow store. The
-    store's artifact locations are absolute paths, so they are moved to the copy."""
-    copy = tmp_path / "project"
-    shutil.copytree(tiny_pipeline, copy, symlinks=True)
-    old, new = str(tiny_pipeline), str(copy)
+    """A private copy of `tiny_pipeline`: git, DVC cache, outputs and MLflow store."""
+    return copy_project(tiny_pipeline, tmp_path / "project")
+
+
+def copy_project(project: Path, copy: Path) -> Path:
+    """A copy of a project folder that works on its own. The MLflow store's artifact
+    locations are absolute paths, so they are moved to the copy."""
+    shutil.copytree(project, copy, symlinks=True)
+    old, new = str(project), str(copy)
     with sqlite3.connect(copy / "mlflow.db") as db:
         db.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (old, new))
         db.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (old, new))

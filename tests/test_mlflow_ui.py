@@ -1,9 +1,13 @@
 """The MLflow UI in a real browser: a tiny `dvc repro`, then `mlflow server` on 127.0.0.1
 against its store, driven by headless Chromium through Selenium.
 
-Checks that the experiment's runs table shows the pipeline's parent run with its stage
-runs nested under it, and that a training run's *Model metrics* tab draws the loss curve
-and shows the sample grid logged at each epoch (the step slider moves between them).
+A second execution, `dvc exp run -S sample.guidance=3` (training comes from DVC's cache),
+gives a coursework comparison. Checks that the experiment's runs table shows the parent
+runs with their stage runs nested under them, with the Dataset and Models columns filled;
+that a training run's *Model metrics* tab draws the loss curve over many optimizer steps
+and shows the sample grids logged during training (the step slider moves between them);
+that the registered model's page lists its versions with their DVC experiment; and that
+the two parent runs, compared, show params, final metrics and sample grids side by side.
 
 Screenshots go to a temporary folder; set DDPM_SCREENSHOT_DIR (e.g. to
 `reports`) to keep a copy: that is how reports/mlflow_ui.png of the README is made.
@@ -33,7 +37,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
-from conftest import MIRROR, ROOT, TINY_PIPELINE, clean_env, tiny_raw
+from conftest import MIRROR, ROOT, TINY_PIPELINE, clean_env, copy_project, run, tiny_raw
 from ddpm_core.tracking import EXPERIMENT, ROLE_TAG
 
 CHROMIUM = Path(os.environ.get("DDPM_CHROMIUM", "/usr/bin/chromium"))
@@ -51,6 +55,7 @@ pytestmark = [
 
 STAGES = ["fetch_data", "train_uncond", "train_cond", "train_evaluator", "sample", "evaluate", "plot"]
 EPOCHS = 2
+SECOND = "guidance-3"  # the second experiment
 WAIT = 60  # seconds; a loaded 2-core machine renders the UI slowly
 
 
@@ -58,22 +63,28 @@ WAIT = 60  # seconds; a loaded 2-core machine renders the UI slowly
 
 
 @pytest.fixture(scope="module")
-def project(tiny_pipeline) -> Path:
-    """The shared tiny pipeline (two epochs: two sample grids per model); only read here."""
+def project(tiny_pipeline, tmp_path_factory) -> Path:
+    """A copy of the shared tiny pipeline (two epochs), then one experiment more that
+    changes only the guidance: two parent runs to compare."""
     assert tiny_raw(**TINY_PIPELINE)["epochs"] == EPOCHS
-    return tiny_pipeline
+    project = copy_project(tiny_pipeline, tmp_path_factory.mktemp("ui") / "project")
+    run(["dvc", "exp", "run", "-n", SECOND, "-S", "sample.guidance=3"], project)
+    return project
 
 
 @pytest.fixture(scope="module")
 def runs(project) -> dict:
-    """Ids of the experiment, the parent run and its stage runs, from the store itself."""
+    """Ids of the experiment, the parent runs and the stage runs of the first, from the store itself."""
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
     experiment = client.get_experiment_by_name(EXPERIMENT)
-    (parent,) = client.search_runs([experiment.experiment_id], f"tags.`{ROLE_TAG}` = 'pipeline'")
-    children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    first, second = client.search_runs([experiment.experiment_id], f"tags.`{ROLE_TAG}` = 'pipeline'", order_by=["attributes.start_time ASC"])
+    assert second.info.run_name == SECOND
+    children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{first.info.run_id}'")
     return {
+        "client": client,
         "experiment_id": experiment.experiment_id,
-        "parent": parent,
+        "parent": first,
+        "second": second,
         "children": {r.info.run_name: r.info.run_id for r in children},
     }
 
@@ -211,7 +222,7 @@ def move_slider(driver: WebDriver, slider: WebElement, step: int) -> None:
     """Move the image card's step slider to `step` with the arrow keys, as a user would
     (it starts at 0, below its first step)."""
     slider.click()
-    for _ in range(2 * EPOCHS + 2):
+    for _ in range(step + 4):
         now = int(slider.get_attribute("aria-valuenow"))
         if now == step:
             return
@@ -239,54 +250,104 @@ def loaded_image(driver: WebDriver, card: WebElement, step: int) -> WebElement |
 # --- the tests ----------------------------------------------------------------------
 
 
-def test_runs_table_shows_the_parent_run_and_its_stage_runs(browser, server, runs, shots):
+def test_runs_table_shows_the_parent_runs_their_stage_runs_datasets_and_models(browser, server, runs, shots):
     assert sorted(runs["children"]) == sorted(STAGES)
     parent_name = runs["parent"].info.run_name
     # `#/experiments/<id>` opens the GenAI overview; the runs table is under /runs, and
     # workflowType=machine_learning switches the sidebar to "Model training".
     browser.get(f"{server}#/experiments/{runs['experiment_id']}/runs?workflowType=machine_learning")
-    wait(browser, lambda d: parent_name in visible_lines(d), f"parent run {parent_name!r} in the runs table")
+    wait(browser, lambda d: {parent_name, SECOND} <= visible_lines(d), f"parent runs {parent_name!r} and {SECOND!r} in the runs table")
     close_assistant(browser)
     assert "train_uncond" not in visible_lines(browser), "stage runs should be folded under their parent"
+    # The Dataset column: the training set, with its split, subset and content digest.
+    digest = runs["client"].get_run(runs["children"]["train_cond"]).inputs.dataset_inputs[0].dataset.digest
+    dataset = f"mnist-train[:{TINY_PIPELINE['data']['train_subset']}] ({digest})"
+    assert dataset in visible_lines(browser), "the Dataset column names the training set"
 
     expand = wait(
         browser,
         lambda d: d.find_elements(By.CSS_SELECTOR, "button[data-component-id*='runnamecellrenderer']"),
-        "the expand button of the parent run",
+        "the expand buttons of the parent runs",
     )
-    assert len(expand) == 1, "one parent run has children"
-    expand[0].click()
+    assert len(expand) == 2, "both parent runs have children"
+    expand[-1].click()  # the first execution, listed last (newest first)
     wait(browser, lambda d: set(STAGES) <= visible_lines(d), f"stage runs {STAGES} under the parent")
     lines = visible_lines(browser)
-    assert f"{1 + len(STAGES)} matching runs" in lines
+    # The Models column: each training run's logged model.
+    assert {"ddpm-mnist-cond", "ddpm-mnist-uncond"} <= lines, "the Models column names the logged models"
     screenshot(browser, shots, "mlflow_ui_runs.png")
 
 
 @pytest.mark.parametrize("stage", ["train_uncond", "train_cond"])
-def test_model_metrics_show_the_loss_curve_and_a_sample_grid_per_epoch(browser, server, runs, shots, stage):
+def test_model_metrics_show_the_loss_curve_per_step_and_the_grids_during_training(browser, server, runs, shots, stage):
     run_id = runs["children"][stage]
+    client = runs["client"]
     browser.get(f"{server}#/experiments/{runs['experiment_id']}/runs/{run_id}/model-metrics?workflowType=machine_learning")
     wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "[data-testid='experiment-view-compare-runs-card']"), "chart cards")
     close_assistant(browser)
 
-    # The loss chart: a line over steps (= epochs) 1..EPOCHS, drawn by plotly.
+    # The loss chart: a line over the optimizer steps of train.log_every, drawn by plotly.
+    logged = [m.step for m in client.get_metric_history(run_id, "loss")]
+    assert len(logged) > EPOCHS
     loss = wait(browser, lambda d: chart_card(d, "loss"), "the 'loss' chart card")
+    plot = wait(browser, lambda d: loss.find_element(By.CSS_SELECTOR, ".js-plotly-plot"), "the loss plot")
     wait(browser, lambda d: loss.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .scatterlayer .trace path"), "the loss curve drawn")
+    assert browser.execute_script("return arguments[0].data[0].x", plot) == logged, "the chart draws every logged point"
     lines = loss.text.splitlines()
     assert "Step" in lines and f"{stage} (loss)" in lines
-    for name in ("lr", "images_per_s"):
+    for name in ("lr", "grad_norm", "images_per_s", "epoch_loss", "eps_loss/t000-199"):
         assert chart_card(browser, name) is not None, f"no {name!r} chart"
 
-    # The sample grids: the "samples" image card, its slider over the epochs.
+    # The sample grids: the "samples" image card, its slider over the steps they were logged at.
+    images = [a.path for a in client.list_artifacts(run_id, "images")]
+    steps = sorted({int(p.split("+step+")[1].split("+")[0]) for p in images if p.endswith(".png")})
+    assert len(steps) >= 2, steps
     card = wait(browser, lambda d: chart_card(d, "samples"), "the 'samples' image card")
     slider = card.find_element(By.CSS_SELECTOR, "[role='slider']")
-    assert (slider.get_attribute("aria-valuemin"), slider.get_attribute("aria-valuemax")) == ("1", str(EPOCHS))
+    assert int(slider.get_attribute("aria-valuemax")) == steps[-1]
     sources = {}
-    for step in range(1, EPOCHS + 1):
+    for step in steps:
         move_slider(browser, slider, step)
-        img = wait(browser, lambda d: loaded_image(d, card, step), f"the sample grid of epoch {step} loaded")
+        img = wait(browser, lambda d: loaded_image(d, card, step), f"the sample grid of step {step} loaded")
         sources[step] = img.get_attribute("src")
         assert run_id in sources[step]
-    assert len(set(sources.values())) == EPOCHS, "each epoch shows its own grid"
+    assert len(set(sources.values())) == len(steps), "each step shows its own grid"
     if stage == "train_cond":  # one grid row per digit: the README's picture
         screenshot(browser, shots, "mlflow_ui.png")
+    # System metrics are charted on their own tab.
+    browser.get(f"{server}#/experiments/{runs['experiment_id']}/runs/{run_id}/system-metrics?workflowType=machine_learning")
+    wait(browser, lambda d: chart_card(d, "system/cpu_utilization_percentage"), "the CPU utilisation chart")
+
+
+def test_registered_model_lists_its_versions_with_their_experiment(browser, server, runs, shots):
+    client = runs["client"]
+    versions = client.search_model_versions("name = 'ddpm-mnist-cond'")
+    # The second experiment trained nothing (DVC's cache): one version, from the first.
+    assert [v.version for v in versions] == ["1"] and versions[0].run_id == runs["children"]["train_cond"]
+    browser.get(f"{server}#/models/ddpm-mnist-cond")
+    wait(browser, lambda d: "Version 1" in visible_lines(d), "the version list of ddpm-mnist-cond")
+    close_assistant(browser)
+    lines = visible_lines(browser)
+    assert "ddpm.project" in lines and "dvc.experiment" in lines
+    screenshot(browser, shots, "mlflow_ui_registry.png")
+
+
+def test_two_parent_runs_compare_params_metrics_and_sample_grids_side_by_side(browser, server, runs, shots):
+    first, second = runs["parent"], runs["second"]
+    ids = f'["{first.info.run_id}","{second.info.run_id}"]'
+    browser.get(f"{server}#/compare-runs?runs={ids}&experiments=[\"{runs['experiment_id']}\"]")
+    wait(browser, lambda d: "Comparing 2 Runs from 1 Experiment" in visible_lines(d), "the compare page")
+    close_assistant(browser)
+    text = browser.find_element(By.TAG_NAME, "body").text
+    # Params side by side: the changed one with both values.
+    assert "sample.guidance 2.5 3" in text or "sample.guidance 2.5 3.0" in text, text[:3000]
+    # Final metrics side by side, as each run logged them.
+    lines = text.splitlines()
+    at = lines.index("fid_cond", lines.index("Metrics"))
+    shown = {float(v) for v in lines[at + 1 : at + 6] if v.replace(".", "", 1).isdigit()}
+    for parent in (first, second):
+        assert any(abs(v - parent.data.metrics["fid_cond"]) < 0.01 for v in shown), (parent.data.metrics["fid_cond"], lines[at : at + 6])
+    # The sample grids of both runs, side by side in the common artifacts.
+    wait(browser, lambda d: len([i for i in d.find_elements(By.TAG_NAME, "img") if "figures" in (i.get_attribute("src") or "")]) >= 2,
+         "the two runs' figures")  # fmt: skip
+    screenshot(browser, shots, "mlflow_ui_compare.png")

@@ -73,6 +73,17 @@ def test_repro_lands_outputs_metrics_and_one_parent_run(tiny_pipeline, tmp_path)
         steps = sorted({int(p.split("+step+")[1].split("+")[0]) for p in images if p.endswith(".png")})
         preview_every = params["train"]["preview_every"]
         assert steps == sorted({*range(preview_every, 7, preview_every), 6})
+        # The training set as input dataset, system metrics, and a logged model that is
+        # version 1 of the registered model, linked to its evaluate metrics.
+        (dataset,) = child.inputs.dataset_inputs
+        assert dataset.dataset.name == "mnist-train[:192]" and dataset.tags[0].value == "training"
+        assert "system/cpu_utilization_percentage" in child.data.metrics
+        (output,) = child.outputs.model_outputs
+        version = client.get_model_version(f"ddpm-mnist-{stage[6:]}", "1")
+        assert version.source == f"models:/{output.model_id}" and version.run_id == child.info.run_id
+        assert version.tags["dvc.experiment"] == "workspace" and len(version.tags["git.revision"]) >= 40
+        linked = {m.key for m in client.get_logged_model(output.model_id).metrics}
+        assert f"fid_{stage[6:]}" in linked and f"zero_pixels_{stage[6:]}" in linked
         (artifact,) = client.list_artifacts(child.info.run_id, "checkpoint")
         local = client.download_artifacts(child.info.run_id, artifact.path, str(tmp_path))
         assert torch.load(local, weights_only=True).keys() == torch.load(project_clone / "models" / f"{stage[6:]}.pt", weights_only=True).keys()

@@ -180,3 +180,31 @@ def test_bad_model_uris_and_a_foreign_registered_model_are_one_line_and_leave_no
         register(root, "uncond", paths["uncond"], params)
     assert len(client.search_logged_models([experiment_id])) == before
     assert client.search_model_versions("name = 'ddpm-mnist-uncond'") == []
+
+
+def test_a_registration_that_fails_halfway_leaves_no_version_and_no_ready_model(tmp_path, weights, monkeypatch):
+    from mlflow.entities import LoggedModelStatus
+
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    paths, params = weights
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("the store refused the version")
+
+    monkeypatch.setattr(tracking.MlflowClient, "create_model_version", refuse)
+    with pytest.raises(RuntimeError, match="refused"):
+        register(tmp_path, "cond", paths["cond"], params)
+    client, experiment_id = store(tmp_path)
+    (model,) = client.search_logged_models([experiment_id])
+    assert model.status == LoggedModelStatus.FAILED
+    assert client.search_registered_models() == []  # the one made for it is gone
+    with tracking.stage_run(tmp_path, "p", "p", "evaluate", {}, {}) as evaluate:
+        assert evaluate.logged_model_of(paths["cond"]) is None  # nothing to link metrics to
+
+
+def test_a_stage_shorter_than_the_sampling_interval_still_gets_its_system_metrics(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
+    with tracking.stage_run(tmp_path, "p", "p", "fetch_data", {}, {}) as run:
+        pass  # far less than SYSTEM_METRICS_SECONDS
+    client, _ = store(tmp_path)
+    assert len(client.get_metric_history(run.run_id, "system/cpu_utilization_percentage")) == 1
