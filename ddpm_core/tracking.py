@@ -285,6 +285,13 @@ class StageRun:
     def log_image(self, image: np.ndarray, key: str, step: int) -> None:
         self.client.log_image(self.run_id, image, key=key, step=step)
 
+    def log_parent_file(self, path: Path, name: str) -> None:
+        """A file at the parent run's artifact root under `name`: the compare page previews
+        the files two runs have in common side by side."""
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copy(path, Path(tmp) / name)
+            self.client.log_artifact(self.parent_id, str(Path(tmp) / name))
+
     def log_parent_image(self, image: np.ndarray, key: str, step: int = 0) -> None:
         """An image on the parent run, where ticking two runs in the UI shows them side by side."""
         self.client.log_image(self.parent_id, image, key=key, step=step)

@@ -60,6 +60,7 @@ def run(params):
             save_png(OUT / f"{kind}.png", grid)
             run.log_image(grid, key=f"samples_{kind}", step=0)
             run.log_parent_image(grid, key=f"samples_{kind}")
+            run.log_parent_file(OUT / f"{kind}.png", f"samples_{kind}.png")  # compared side by side
             print(f"sample {kind}: {n} images, {rates[kind]:.1f} images/s")
         run.log_metrics({f"images_per_s_{k}": v for k, v in rates.items()})
 

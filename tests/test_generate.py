@@ -97,6 +97,14 @@ def run_cli(cwd, *args):
     return subprocess.run([sys.executable, "-m", "ddpm_core", "generate", *args], cwd=cwd, env=clean_env(), capture_output=True, text=True)
 
 
+def run_clis(cwd, calls: list[list[str]]) -> list[subprocess.CompletedProcess]:
+    """`run_cli` for each argument list, two at a time: each spends seconds importing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda args: run_cli(cwd, *args), calls))
+
+
 def test_unknown_prompt_is_one_line_listing_the_words(tmp_path):
     proc = run_cli(tmp_path, "--prompt", "3 eleven")
     assert proc.returncode == 2
@@ -132,33 +140,32 @@ def test_run_id_loads_the_logged_checkpoint_and_plot_made_the_gif(tiny_pipeline_
     runs = client.search_runs([client.get_experiment_by_name("ddpm-mnist").experiment_id])
     parent = next(r.info.run_id for r in runs if r.data.tags.get("ddpm.role") == "pipeline")
     train_cond = next(r.info.run_id for r in runs if r.data.tags.get("ddpm.stage") == "train_cond")
-    outputs = {}
-    for name, extra in (("local", []), ("parent", ["--run-id", parent]), ("child", ["--run-id", train_cond])):
-        out = tmp_path / f"{name}.png"
-        proc = run_cli(project, "--prompt", "0 1 2", "--n", "4", "--out", str(out), *extra)
-        assert proc.returncode == 0, proc.stderr
-        outputs[name] = out.read_bytes()
     # The registry: each training registered a version; by version, alias and logged-model id.
     version = client.get_model_version("ddpm-mnist-cond", "1")
     client.set_registered_model_alias("ddpm-mnist-cond", "champion", "1")
     model_id = version.source.removeprefix("models:/")
-    for name, uri in (("version", "models:/ddpm-mnist-cond/1"), ("alias", "models:/ddpm-mnist-cond@champion"), ("logged", f"models:/{model_id}")):
-        out = tmp_path / f"{name}.png"
-        proc = run_cli(project, "--prompt", "0 1 2", "--n", "4", "--out", str(out), "--model", uri)
+    sources = {
+        "local": [], "parent": ["--run-id", parent], "child": ["--run-id", train_cond],
+        "version": ["--model", "models:/ddpm-mnist-cond/1"], "alias": ["--model", "models:/ddpm-mnist-cond@champion"],
+        "logged": ["--model", f"models:/{model_id}"],
+    }  # fmt: skip
+    procs = run_clis(project, [["--prompt", "0 1 2", "--n", "4", "--out", str(tmp_path / f"{name}.png"), *extra] for name, extra in sources.items()])
+    outputs = {}
+    for (name, extra), proc in zip(sources.items(), procs):
         assert proc.returncode == 0, proc.stderr
-        assert f"; {uri})" in proc.stdout
-        outputs[name] = out.read_bytes()
+        if extra[:1] == ["--model"]:
+            assert f"; {extra[1]})" in proc.stdout
+        outputs[name] = (tmp_path / f"{name}.png").read_bytes()
     assert outputs["local"] == outputs["parent"] == outputs["child"] == outputs["version"] == outputs["alias"] == outputs["logged"]
-    for args, message in (
-        (["--prompt", "4", "--model", "models:/ddpm-mnist-cond@nope"], "error: models:/ddpm-mnist-cond@nope: not found in"),
-        (["--unconditional", "--model", "models:/ddpm-mnist-cond/1"], "error: models:/ddpm-mnist-cond/1: is the conditional model; drop --unconditional"),
-        (["--prompt", "4", "--model", "models:/ddpm-mnist-cond/1", "--run-id", parent], "error: --run-id and --model both name the weights; give one"),
-    ):
-        proc = run_cli(project, *args)
-        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(message), proc.stderr
-
-    proc = run_cli(project, "--prompt", "4", "--run-id", "0" * 32)
-    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [f"error: MLflow run {'0' * 32}: not found in sqlite:///{project}/mlflow.db"]
+    errors = {
+        "error: models:/ddpm-mnist-cond@nope: not found in": ["--prompt", "4", "--model", "models:/ddpm-mnist-cond@nope"],
+        "error: models:/ddpm-mnist-cond/1: is the conditional model; drop --unconditional": ["--unconditional", "--model", "models:/ddpm-mnist-cond/1"],
+        "error: --run-id and --model both name the weights; give one": ["--prompt", "4", "--model", "models:/ddpm-mnist-cond/1", "--run-id", parent],
+        f"error: MLflow run {'0' * 32}: not found in sqlite:///{project}/mlflow.db": ["--prompt", "4", "--run-id", "0" * 32],
+    }
+    for (message, args), proc in zip(errors.items(), run_clis(project, list(errors.values()))):
+        assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(message), proc.stderr
+        assert proc.returncode == (1 if "--run-id" in args and "--model" not in args else 2), proc.stderr
 
     with Image.open(project / "reports" / "figures" / "denoising.gif") as gif:
         assert gif.n_frames == STEPS + 1

@@ -194,9 +194,14 @@ def test_kill_and_resume_through_dvc_repro_ends_with_the_uninterrupted_bytes(pro
     client, experiment_id = store(project)
     statuses = sorted(r.info.status for r in client.search_runs([experiment_id], "tags.`ddpm.stage` = 'train_uncond'"))
     assert statuses == ["FINISHED", "KILLED", "KILLED", "KILLED"]
+    # The finished run has the whole curve, the part logged before each interruption included.
+    (finished,) = client.search_runs([experiment_id], "tags.`ddpm.stage` = 'train_uncond' AND attributes.status = 'FINISHED'")
+    steps = [int(line.split(",")[0]) for line in resumed["losses"].splitlines()[1:]]
+    assert [m.step for m in client.get_metric_history(finished.info.run_id, "loss")] == steps
 
     # The same training, uninterrupted.
     env = clean_env()
     subprocess.run([sys.executable, "stages/train.py", "uncond"], cwd=project, env=env, check=True, capture_output=True)
     assert {"weights": sha256_file(project / "models/uncond.pt"), "losses": (project / "reports/loss_uncond.csv").read_text()} == resumed
-    assert len(resumed["losses"].splitlines()) == EPOCHS + 1
+    # 640 images at batch 64: 10 steps per epoch, a point every log_every (2) steps.
+    assert [int(r.split(",")[0]) for r in resumed["losses"].splitlines()[1:]] == list(range(2, 10 * EPOCHS + 1, 2))
