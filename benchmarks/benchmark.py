@@ -96,8 +96,8 @@ def measure_training(spec: dict, params, device) -> dict:
     def run(steps: int) -> float:
         started = time.perf_counter()
         for _ in range(steps):
-            loss = train_step(opt, schedule, x0, labels, generator, autocast, Objective.of(params))
-        loss.item()  # wait for the device
+            stats = train_step(opt, schedule, x0, labels, generator, autocast, Objective.of(params))
+        stats.terms.loss.item()  # wait for the device
         return time.perf_counter() - started
 
     run(spec["warmup"])

@@ -9,7 +9,6 @@ a child run under it. The store is `sqlite:///<root>/mlflow.db` with artifacts i
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
 from ddpm_core.config import flatten
+from ddpm_core.environment import sha256_file
 from ddpm_core.errors import RegistryError, TrackingError
 
 # MLflow announces at INFO level that it creates or migrates its tables; stages stay quiet.
@@ -215,7 +215,7 @@ class StageRun:
         """The id of the latest READY logged model holding exactly these weights, if any
         (none when DVC restored them from its cache after the store was reset)."""
         found = self.client.search_logged_models(
-            [self.experiment_id], filter_string=f"tags.`{WEIGHTS_TAG}` = '{_sha256(weights)}'",
+            [self.experiment_id], filter_string=f"tags.`{WEIGHTS_TAG}` = '{sha256_file(weights)}'",
             order_by=[{"field_name": "creation_time", "ascending": False}],
         )  # fmt: skip
         ready = [m for m in found if m.status == LoggedModelStatus.READY]
@@ -234,7 +234,7 @@ class StageRun:
         name = registered_name(kind)
         existing = _registered_model(self.client, name)
         flat = _stringify(params)
-        digest = _sha256(weights)
+        digest = sha256_file(weights)
         model = self.client.create_logged_model(
             self.experiment_id, name=name, source_run_id=self.run_id, params=flat, model_type=MODEL_TYPE,
             tags={KIND_TAG: kind, WEIGHTS_TAG: digest},
@@ -484,14 +484,6 @@ def _global_store(uri: str) -> Iterator[None]:
         yield
     finally:
         mlflow.set_tracking_uri(before)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _registered_model(client: _PatientClient, name: str):
