@@ -225,9 +225,9 @@ def train_diffusion(
 ) -> TrainResult:
     """Train the network on `data` for `params.epochs` epochs and return the EMA weights.
 
-    Every `train.log_every` optimizer steps and at each epoch's end, `tracker` gets the
-    loss, lr, gradient norm, images/s and the ε-loss in NOISE_BUCKETS timestep ranges at
-    step = the global optimizer step, and the same point joins `TrainResult.curve`; every
+    Every `train.log_every` optimizer steps and at each epoch's end, `tracker` gets the loss, lr, gradient norm,
+    images/s and the ε-loss in NOISE_BUCKETS timestep ranges at step = the global
+    optimizer step, and the same point joins `TrainResult.curve`; every
     `train.preview_every` steps and at the last one, a fixed-noise sample grid; after each
     epoch, its mean loss (`epoch_loss`), images/s and seconds at step = the epoch.
 
