@@ -29,8 +29,8 @@ import pytest
 import requests
 from mlflow.tracking import MlflowClient
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
-from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -185,7 +185,12 @@ def screenshot(driver: WebDriver, folder: Path, name: str) -> Path:
 
 
 def wait(driver: WebDriver, condition, what: str, timeout: float = WAIT):
-    return WebDriverWait(driver, timeout, poll_frequency=0.5).until(condition, f"after {timeout} s: {what}")
+    """Poll `condition` until it is truthy. The UI re-renders cards as data arrives, so an
+    element found a moment ago may be gone: that poll counts as not yet, and the next
+    finds the page afresh."""
+    return WebDriverWait(driver, timeout, poll_frequency=0.5, ignored_exceptions=(StaleElementReferenceException,)).until(
+        condition, f"after {timeout} s: {what}"
+    )
 
 
 def visible_lines(driver: WebDriver) -> set[str]:
@@ -218,17 +223,20 @@ def chart_card(driver: WebDriver, title: str) -> WebElement | None:
     return None
 
 
-def move_slider(driver: WebDriver, slider: WebElement, step: int) -> None:
-    """Move the image card's step slider to `step` with the arrow keys, as a user would
-    (it starts at 0, below its first step)."""
-    slider.click()
-    for _ in range(step + 4):
-        now = int(slider.get_attribute("aria-valuenow"))
-        if now == step:
-            return
-        ActionChains(driver).send_keys(Keys.ARROW_RIGHT if now < step else Keys.ARROW_LEFT).perform()
-        wait(driver, lambda _: int(slider.get_attribute("aria-valuenow")) != now, f"the slider to leave step {now}", timeout=10)
-    raise AssertionError(f"the slider does not reach step {step}")
+def grid_src_at_step(driver: WebDriver, step: int) -> str | None:
+    """One poll: the "samples" image card's slider one arrow key nearer to `step`, as a user
+    would move it (it starts at 0, below the first step); once there, the card's decoded
+    <img> of that step's src, else None. Card and slider are looked up afresh on every poll."""
+    card = chart_card(driver, "samples")
+    if card is None:
+        return None
+    slider = card.find_element(By.CSS_SELECTOR, "[role='slider']")
+    now = int(slider.get_attribute("aria-valuenow"))
+    if now != step:
+        slider.send_keys(Keys.ARROW_RIGHT if now < step else Keys.ARROW_LEFT)
+        return None
+    img = loaded_image(driver, card, step)
+    return img and img.get_attribute("src")
 
 
 def loaded_image(driver: WebDriver, card: WebElement, step: int) -> WebElement | None:
@@ -302,30 +310,29 @@ def test_model_metrics_show_the_loss_curve_per_step_and_the_grids_during_trainin
     # The card re-renders as data arrives: read its plotly data afresh each time.
     drawn = wait(browser, lambda d: d.execute_script(PLOT_X, "loss"), "the loss curve drawn")
     assert drawn == logged, "the chart draws every logged point"
-    lines = chart_card(browser, "loss").text.splitlines()
+    lines = wait(browser, lambda d: (card := chart_card(d, "loss")) and card.text.splitlines(), "the 'loss' chart's text")
     assert "Step" in lines and f"{stage} (loss)" in lines
     for name in ("lr", "grad_norm", "images_per_s", "epoch_loss"):
-        assert chart_card(browser, name) is not None, f"no {name!r} chart"
+        wait(browser, lambda d: chart_card(d, name), f"the {name!r} chart")
 
     # The sample grids: the "samples" image card, its slider over the steps they were logged at.
     images = [a.path for a in client.list_artifacts(run_id, "images")]
     steps = sorted({int(p.split("+step+")[1].split("+")[0]) for p in images if p.endswith(".png")})
     assert len(steps) >= 2, steps
-    card = wait(browser, lambda d: chart_card(d, "samples"), "the 'samples' image card")
-    slider = card.find_element(By.CSS_SELECTOR, "[role='slider']")
-    assert int(slider.get_attribute("aria-valuemax")) == steps[-1]
+    top = wait(browser, lambda d: (card := chart_card(d, "samples")) and card.find_element(By.CSS_SELECTOR, "[role='slider']").get_attribute("aria-valuemax"), "the 'samples' image card")
+    assert int(top) == steps[-1]
     sources = {}
     for step in steps:
-        move_slider(browser, slider, step)
-        img = wait(browser, lambda d: loaded_image(d, card, step), f"the sample grid of step {step} loaded")
-        sources[step] = img.get_attribute("src")
+        sources[step] = wait(browser, lambda d: grid_src_at_step(d, step), f"the slider at step {step} and its sample grid shown")
         assert run_id in sources[step]
     assert len(set(sources.values())) == len(steps), "each step shows its own grid"
     if stage == "train_cond":  # one grid row per digit: the README's picture
         screenshot(browser, shots, "mlflow_ui.png")
     # System metrics are charted on their own tab.
     browser.get(f"{server}#/experiments/{runs['experiment_id']}/runs/{run_id}/system-metrics?workflowType=machine_learning")
-    wait(browser, lambda d: chart_card(d, "system/cpu_utilization_percentage"), "the CPU utilisation chart")
+    assert "system/cpu_utilization_percentage" in client.get_run(run_id).data.metrics
+    # The tab's "System metrics" section titles its charts without the "system/" prefix.
+    wait(browser, lambda d: chart_card(d, "cpu_utilization_percentage") or chart_card(d, "system/cpu_utilization_percentage"), "the CPU utilisation chart")
 
 
 def test_registered_model_lists_its_versions_with_their_experiment(browser, server, runs, shots):
