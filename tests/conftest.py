@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from filelock import FileLock
 
 from ddpm_core.config import Params, parse_params
 
@@ -112,30 +111,16 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 TINY_PIPELINE = {"epochs": 2, "data": {"train_subset": 192}}
 
 
-def session_folder(tmp_path_factory) -> Path:
-    """The test session's temporary folder, common to all pytest-xdist workers (each
-    worker's own base folder sits in it)."""
-    base = tmp_path_factory.getbasetemp()
-    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-
-
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory) -> Path:
-    """A project copy after one tiny `dvc repro` (about 90 s), made once per test session
-    by the first worker that needs it; the others wait for it. Read it, don't change it:
-    tests that run more use `tiny_pipeline_copy`."""
+    """A project copy after one tiny `dvc repro` (about 90 s), made once per session.
+    Read it, don't change it: tests that run more use `tiny_pipeline_copy`."""
     if not MIRROR.is_dir():
         pytest.skip(f"no MNIST mirror at {MIRROR}; set DDPM_DATA_MIRROR")
-    shared = session_folder(tmp_path_factory)
-    project, done = shared / "tiny" / "project", shared / "tiny" / "done"
-    with FileLock(shared / "tiny.lock"):
-        if not done.exists():
-            shutil.rmtree(project.parent, ignore_errors=True)  # a worker's failed attempt
-            clone_project(project)
-            (project / "params.yaml").write_text(yaml.safe_dump(tiny_raw(**TINY_PIPELINE), sort_keys=False))
-            commit_all(project, "tiny params")
-            run(["dvc", "repro"], project)
-            done.touch()
+    project = clone_project(tmp_path_factory.mktemp("tiny") / "project")
+    (project / "params.yaml").write_text(yaml.safe_dump(tiny_raw(**TINY_PIPELINE), sort_keys=False))
+    commit_all(project, "tiny params")
+    run(["dvc", "repro"], project)
     return project
 
 

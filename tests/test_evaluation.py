@@ -13,10 +13,6 @@ from ddpm_core.evaluation import (
 )
 
 
-# Its module-scoped fixtures are built once: all its tests on one pytest-xdist worker.
-pytestmark = pytest.mark.xdist_group("test_evaluation")
-
-
 @pytest.fixture(scope="module")
 def classifier():
     torch.manual_seed(0)

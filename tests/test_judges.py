@@ -15,10 +15,6 @@ from ddpm_core.evaluation import FeatureFID, accuracy, predict, train_classifier
 JUDGES = ("vgg", "residual")
 
 
-# Its module-scoped fixtures are built once: all its tests on one pytest-xdist worker.
-pytestmark = pytest.mark.xdist_group("test_judges")
-
-
 @pytest.fixture(scope="module")
 def mnist(mnist_root):
     return load_images(mnist_root, "mnist", train=True), load_images(mnist_root, "mnist", train=False)

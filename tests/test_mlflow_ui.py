@@ -45,7 +45,6 @@ CHROMEDRIVER = Path(os.environ.get("DDPM_CHROMEDRIVER", "/usr/bin/chromedriver")
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.xdist_group("mlflow_ui"),  # one pipeline, server and browser: all on one worker
     pytest.mark.skipif(not MIRROR.is_dir(), reason=f"no MNIST mirror at {MIRROR}"),
     pytest.mark.skipif(
         not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),

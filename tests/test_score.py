@@ -19,10 +19,6 @@ from ddpm_core.pixels import pixel_metrics
 N = 200
 
 
-# Its module-scoped fixtures are built once: all its tests on one pytest-xdist worker.
-pytestmark = pytest.mark.xdist_group("test_score")
-
-
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
     """Both judges, untrained (weights from fixed seeds): the numbers are checked for
