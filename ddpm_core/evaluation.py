@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm import tqdm
 
 from ddpm_core.data import NUM_CLASSES, ImageSet
@@ -189,6 +188,10 @@ class FeatureFID:
     """
 
     def __init__(self, classifier: nn.Module, reference: torch.Tensor, batch_size: int = 1000):
+        # Imported here: torchmetrics takes ~2 s to import, which the stages that only
+        # classify (train_evaluator, plot) would pay at every start.
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
         self.batch_size = batch_size
         device = next(classifier.parameters()).device
         self.metric = FrechetInceptionDistance(
