@@ -3,7 +3,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test bench bundle verify
+.PHONY: setup run test lint format bench bundle verify
 
 setup: $(VENV)/.installed
 
@@ -16,8 +16,19 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 run: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
 
-test: setup
+test: lint
 	PATH="$(CURDIR)/$(BIN):$$PATH" python -m pytest
+
+# The house rules, configured in pyproject.toml: ruff's lint and format, mypy's types.
+# `make format` rewrites what `ruff format --check` would refuse.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 # Speed and memory tables (benchmarks/benchmark.py); installs diffusers for the comparison.
 bench: setup

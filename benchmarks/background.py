@@ -65,7 +65,9 @@ def image_level(x0: torch.Tensor) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("weights", nargs="?", type=Path, help="default: models/uncond.pt, or models/cond.pt with --cond")
+    parser.add_argument(
+        "weights", nargs="?", type=Path, help="default: models/uncond.pt, or models/cond.pt with --cond"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value: the params the weights were trained with")
     parser.add_argument("--cond", action="store_true", help="a conditional model (measured with the digits' labels)")
     args = parser.parse_args()
@@ -111,7 +113,9 @@ def main() -> None:
               f"   {shifted.mean() / SHIFT:10.0%}")  # fmt: skip
 
     sp = params.sample
-    sampler = make_sampler(sp.sampler, schedule, sp.steps, sp.eta, prediction, offset_noise=params.diffusion.offset_noise, t_min=sp.t_min)
+    sampler = make_sampler(
+        sp.sampler, schedule, sp.steps, sp.eta, prediction, offset_noise=params.diffusion.offset_noise, t_min=sp.t_min
+    )
     levels: list[tuple[int, torch.Tensor]] = []
 
     def watch(k: int, x: torch.Tensor, x0: torch.Tensor | None) -> None:
@@ -119,7 +123,17 @@ def main() -> None:
             levels.append((int(sampler.timesteps[k - 1]), image_level(x0)))
 
     guidance = sp.guidance if args.cond else 1.0
-    images = sample(model, sampler, (N, 1, 28, 28), torch.Generator().manual_seed(params.seed), labels, guidance, device, autocast, watch)
+    images = sample(
+        model,
+        sampler,
+        (N, 1, 28, 28),
+        torch.Generator().manual_seed(params.seed),
+        labels,
+        guidance,
+        device,
+        autocast,
+        watch,
+    )
     zeros = ((images + 1) * LEVEL).round().eq(0).float().mean(dim=(1, 2, 3))
     print(f"\n3. sampling ({sp.sampler}, {sp.steps} steps{f', guidance {guidance:g}' if args.cond else ''}): "
           "each image's level as a whole in x̂₀ (grey levels)")  # fmt: skip
@@ -128,8 +142,10 @@ def main() -> None:
         q10, q90 = level.quantile(torch.tensor([0.1, 0.9])).tolist()
         corr = torch.corrcoef(torch.stack([level, zeros]))[0, 1]
         print(f"{t:4d}  {level.mean():6.2f}  {q10:5.2f}  {q90:5.2f}   {corr:5.2f}")
-    print(f"exact-zero pixels of the samples: {zeros.mean():.1%}; per image, 10th/50th/90th percentile "
-          + " / ".join(f"{q:.0%}" for q in zeros.quantile(torch.tensor([0.1, 0.5, 0.9])).tolist()))
+    print(
+        f"exact-zero pixels of the samples: {zeros.mean():.1%}; per image, 10th/50th/90th percentile "
+        + " / ".join(f"{q:.0%}" for q in zeros.quantile(torch.tensor([0.1, 0.5, 0.9])).tolist())
+    )
 
 
 if __name__ == "__main__":

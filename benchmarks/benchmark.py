@@ -25,6 +25,7 @@ torch.cuda.max_memory_allocated on a GPU) is its own and includes Python and tor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -41,10 +42,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ddpm_core import hardware  # noqa: E402
-from ddpm_core.config import load_params  # noqa: E402
+from ddpm_core.config import Params, load_params  # noqa: E402
 from ddpm_core.data import NUM_CLASSES  # noqa: E402
-from ddpm_core.samplers import make_sampler, sample  # noqa: E402
 from ddpm_core.environment import software_versions  # noqa: E402
+from ddpm_core.samplers import make_sampler, sample  # noqa: E402
 from ddpm_core.schedule import make_schedule  # noqa: E402
 from ddpm_core.train import Objective, Optimization, train_step  # noqa: E402
 from ddpm_core.unet import build_unet  # noqa: E402
@@ -69,7 +70,7 @@ class DiffusersEps(nn.Module):
         return self.net(x, t, class_labels=labels).sample
 
 
-def build_model(impl: str, params) -> nn.Module:
+def build_model(impl: str, params: Params) -> nn.Module:
     if impl == "ddpm_core":
         return build_unet(params.model, NUM_CLASSES)
     m = params.model
@@ -82,7 +83,7 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def measure_training(spec: dict, params, device) -> dict:
+def measure_training(spec: dict, params: Params, device: torch.device) -> dict:
     precision = spec["precision"]
     model = hardware.place_model(build_model(spec["impl"], params), device, precision)
     opt = Optimization.build(model, params.train, total_steps=10**6, precision=precision, device=device)
@@ -109,10 +110,21 @@ def measure_training(spec: dict, params, device) -> dict:
     }
 
 
-def measure_sampling(spec: dict, params, device) -> dict:
-    model = hardware.place_model(build_unet(params.model, NUM_CLASSES), device, spec["precision"]).eval().requires_grad_(False)
+def measure_sampling(spec: dict, params: Params, device: torch.device) -> dict:
+    model = (
+        hardware.place_model(build_unet(params.model, NUM_CLASSES), device, spec["precision"])
+        .eval()
+        .requires_grad_(False)
+    )
     schedule = make_schedule(params.diffusion.schedule, params.diffusion.timesteps)
-    sampler = make_sampler(spec["sampler"], schedule, spec["steps"], 0.0, params.diffusion.prediction, offset_noise=params.diffusion.offset_noise)  # t_min costs nothing
+    sampler = make_sampler(
+        spec["sampler"],
+        schedule,
+        spec["steps"],
+        0.0,
+        params.diffusion.prediction,
+        offset_noise=params.diffusion.offset_noise,
+    )  # t_min costs nothing
     total_steps = len(sampler.timesteps)
     if spec["timed_steps"] < total_steps:
         sampler.timesteps = sampler.timesteps[: spec["timed_steps"]]  # each step costs the same
@@ -120,11 +132,24 @@ def measure_sampling(spec: dict, params, device) -> dict:
     bs = params.sample.batch_size
     labels = torch.arange(bs) % NUM_CLASSES
     generator = torch.Generator().manual_seed(0)
-    sample(model, make_sampler("ddim", schedule, 1, 0.0, params.diffusion.prediction, offset_noise=params.diffusion.offset_noise), (bs, 1, 28, 28), generator, labels, spec["guidance"], device, autocast)
+    sample(
+        model,
+        make_sampler("ddim", schedule, 1, 0.0, params.diffusion.prediction, offset_noise=params.diffusion.offset_noise),
+        (bs, 1, 28, 28),
+        generator,
+        labels,
+        spec["guidance"],
+        device,
+        autocast,
+    )
     started = time.perf_counter()
     sample(model, sampler, (bs, 1, 28, 28), generator, labels, spec["guidance"], device, autocast)
     seconds = (time.perf_counter() - started) * total_steps / len(sampler.timesteps)
-    return {"images_per_s": bs / seconds, "peak_mb": peak_memory_mb(device), "extrapolated": len(sampler.timesteps) < total_steps}
+    return {
+        "images_per_s": bs / seconds,
+        "peak_mb": peak_memory_mb(device),
+        "extrapolated": len(sampler.timesteps) < total_steps,
+    }
 
 
 def child(spec: dict) -> None:
@@ -148,15 +173,13 @@ def versions() -> str:
 
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as info:
+        cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     bf16 = "native bf16" if hardware.cpu_has_native_bf16() else "no native bf16 (emulated)"
     return f"{cpu}, {os.cpu_count()} cores, {bf16}; CPU flags: {' '.join(hardware.cpu_flags()) or 'none read'}"
 
 
-def pipeline_path(params, device: torch.device) -> str:
+def pipeline_path(params: Params, device: torch.device) -> str:
     """The precision and layout the pipeline takes here, and what decided it."""
     precision = hardware.resolve_precision(params.train.precision, device)
     layout = "channels-last" if device.type == "cuda" or precision == "fp32" else "NCHW"
@@ -202,7 +225,13 @@ def main() -> None:
     rows = []
     for impl in ("ddpm_core", "diffusers"):
         for precision in ("fp32", "bf16"):
-            spec = {"kind": "train", "impl": impl, "precision": precision, "warmup": 3, "steps": steps}
+            spec: dict[str, object] = {
+                "kind": "train",
+                "impl": impl,
+                "precision": precision,
+                "warmup": 3,
+                "steps": steps,
+            }
             print(f"training {impl} {precision} …", file=sys.stderr, flush=True)
             rows.append({"model": impl, "precision": precision, **run_child(spec)})
     train = pd.DataFrame(rows)
@@ -218,9 +247,18 @@ def main() -> None:
         for guidance in (1.0, params.sample.guidance):
             for precision in ("fp32", "bf16"):
                 timed = min(n, 3) if args.quick else (n if n <= 20 else 10)
-                spec = {"kind": "sample", "sampler": name, "steps": n, "guidance": guidance, "precision": precision, "timed_steps": timed}
+                spec = {
+                    "kind": "sample",
+                    "sampler": name,
+                    "steps": n,
+                    "guidance": guidance,
+                    "precision": precision,
+                    "timed_steps": timed,
+                }
                 print(f"sampling {name} {n} steps, guidance {guidance} {precision} …", file=sys.stderr, flush=True)
-                rows.append({"sampler": name, "steps": n, "guidance": guidance, "precision": precision, **run_child(spec)})
+                rows.append(
+                    {"sampler": name, "steps": n, "guidance": guidance, "precision": precision, **run_child(spec)}
+                )
     print("Sampling (class-conditional model; guidance 1 is one network pass per step, otherwise two in one batch)")
     print(pd.DataFrame(rows).round(1).to_string(index=False))
 

@@ -26,6 +26,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -37,14 +39,16 @@ from ddpm_core.evaluation import JUDGES, SampleScorer, load_judges  # noqa: E402
 from ddpm_core.generation import load_samples  # noqa: E402
 
 
-def read(path: Path, labels_from: Path | None):
+def read(path: Path, labels_from: Path | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     images, labels = load_samples(path)
     if labels_from is not None:
         _, labels = load_samples(labels_from)
         if labels is None:
             raise DataError(f"{labels_from}: holds no `labels`")
     if images.dtype.is_floating_point or tuple(images.shape[1:]) != (1, 28, 28):
-        raise DataError(f"{path}: `images` must be uint8 N×28×28, got {str(images.dtype).removeprefix('torch.')} {tuple(images.shape[:1]) + tuple(images.shape[2:])}")
+        raise DataError(
+            f"{path}: `images` must be uint8 N×28×28, got {str(images.dtype).removeprefix('torch.')} {tuple(images.shape[:1]) + tuple(images.shape[2:])}"
+        )
     if labels is not None and len(labels) != len(images):
         raise DataError(f"{labels_from or path}: {len(labels)} labels for {len(images)} images")
     return images, labels
@@ -52,7 +56,7 @@ def read(path: Path, labels_from: Path | None):
 
 def describe(path: Path, s: dict, files: dict[str, str]) -> str:
     lines = [f"{path}: {s['num_samples']} images" + ("" if "accuracy" in s else ", no labels")]
-    for name, (file, _) in JUDGES.items():
+    for name in JUDGES:
         x = f"_{name}" if name else ""
         acc = f"   accuracy {s[f'accuracy{x}']:.2%}" if f"accuracy{x}" in s else ""
         lines.append(
@@ -60,17 +64,30 @@ def describe(path: Path, s: dict, files: dict[str, str]) -> str:
             f"{s[f'fid{x}_over_floor']:6.2f}x floor{acc}   max class deviation {s[f'max_class_deviation{x}']:.3f}"
         )
     lines.append(f"  exact-zero pixels  {s['zero_pixels']:.1%}   (real test images {s['zero_pixels_real']:.1%})")
-    lines.append(f"  pixel-histogram TV {s['pixel_hist_tv']:.4f}   (real training images {s['pixel_hist_tv_floor']:.4f})")
+    lines.append(
+        f"  pixel-histogram TV {s['pixel_hist_tv']:.4f}   (real training images {s['pixel_hist_tv_floor']:.4f})"
+    )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("samples", nargs="+", type=Path, help=".npz files of save_samples")
-    parser.add_argument("--labels-from", type=Path, help="take `labels` from this .npz instead (the same N, the same order)")
-    parser.add_argument("--json", action="store_true", help="one JSON object per file (its path under `file`) instead of text")
-    parser.add_argument("--models", type=Path, default=ROOT / "models", help="folder of evaluator.pt and evaluator_alt.pt (default: models/)")
-    parser.add_argument("--data", type=Path, default=ROOT / "data" / "dataset", help="the fetch_data output (default: data/dataset)")
+    parser.add_argument(
+        "--labels-from", type=Path, help="take `labels` from this .npz instead (the same N, the same order)"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="one JSON object per file (its path under `file`) instead of text"
+    )
+    parser.add_argument(
+        "--models",
+        type=Path,
+        default=ROOT / "models",
+        help="folder of evaluator.pt and evaluator_alt.pt (default: models/)",
+    )
+    parser.add_argument(
+        "--data", type=Path, default=ROOT / "data" / "dataset", help="the fetch_data output (default: data/dataset)"
+    )
     parser.add_argument("--dataset", choices=sorted(DATASETS), help="default: data.dataset of params.yaml")
     args = parser.parse_args()
 

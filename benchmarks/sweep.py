@@ -56,8 +56,15 @@ def override(raw: dict, assignment: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="key=value, as with dvc exp run -S")
-    parser.add_argument("--sample", nargs="+", default=["dpmpp2m:10:3"], help="sampler:steps:guidance[:t_min] settings to score (t_min: params.yaml's if left out, null = trailing)")
-    parser.add_argument("--models", nargs="+", choices=["cond", "uncond"], default=["cond"], help="which models to train and score")
+    parser.add_argument(
+        "--sample",
+        nargs="+",
+        default=["dpmpp2m:10:3"],
+        help="sampler:steps:guidance[:t_min] settings to score (t_min: params.yaml's if left out, null = trailing)",
+    )
+    parser.add_argument(
+        "--models", nargs="+", choices=["cond", "uncond"], default=["cond"], help="which models to train and score"
+    )
     args = parser.parse_args()
 
     hardware.configure_threads()
@@ -80,11 +87,16 @@ def main() -> None:
     rows = []
     for kind in args.models:
         conditional = kind == "cond"
-        cached = CACHE / f"{hashlib.sha256(json.dumps([kind, params.model_dump()], sort_keys=True).encode()).hexdigest()[:16]}.pt"
+        cached = (
+            CACHE
+            / f"{hashlib.sha256(json.dumps([kind, params.model_dump()], sort_keys=True).encode()).hexdigest()[:16]}.pt"
+        )
         if not cached.exists():
             started = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp:
-                result = train_diffusion(train, params, conditional, Path(tmp) / "resume.pt", name=f"train_{kind}", device=device)
+                result = train_diffusion(
+                    train, params, conditional, Path(tmp) / "resume.pt", name=f"train_{kind}", device=device
+                )
             trained = {"weights": result.ema_state_dict, "train_s": time.perf_counter() - started,
                        "images_per_s": result.images_per_s[-1], "final_loss": result.losses[-1]}  # fmt: skip
             CACHE.mkdir(exist_ok=True)
@@ -113,7 +125,7 @@ def main() -> None:
                 "fid": round(score, 2), "floor": round(floor, 2), "fid_over_floor": round(score / floor, 2),
                 "fid_alt": round(score_alt, 2), "floor_alt": round(floor_alt, 2), "fid_alt_over_floor": round(score_alt / floor_alt, 2),
                 "zero_pixels": round((images == 0).float().mean().item(), 3), "samples": f"{cached.stem}_{spec.replace(':', '_')}.npz",
-                "accuracy": round(accuracy(predict(classifier, images), labels)[0], 4) if conditional else None,
+                "accuracy": round(accuracy(predict(classifier, images), labels)[0], 4) if labels is not None else None,
             }  # fmt: skip
             rows.append(row)
             print(row, flush=True)

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Callable, ContextManager
 
 import numpy as np
 import torch
 from PIL import Image
 
 from ddpm_core.files import write_atomic
-from ddpm_core.samplers import sample
+from ddpm_core.samplers import Sampler, sample
 from ddpm_core.viz import image_grid
 
 SCALE = 2  # a 28-pixel digit is hard to see at its own size
@@ -79,13 +80,13 @@ def save_gif(path: Path, frames: list[np.ndarray], scale: int = SCALE) -> None:
 def denoising_gif(
     path: Path,
     model: torch.nn.Module,
-    sampler,
+    sampler: Sampler,
     labels: torch.Tensor,
     nrow: int,
     generator: torch.Generator,
     guidance: float,
     device: torch.device | str = "cpu",
-    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+    autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
     show: str = "xt",
 ) -> torch.Tensor:
     """Sample one image per label in one batch, record the loop, write it to `path` as a

@@ -13,10 +13,10 @@ from tqdm import tqdm
 from ddpm_core import hardware
 from ddpm_core.animation import FrameRecorder, save_gif
 from ddpm_core.config import DiffusionParams, load_params
+from ddpm_core.data import DATASETS
 from ddpm_core.errors import CheckpointError, ConfigError, DDPMError, exit_on_error
 from ddpm_core.files import write_atomic
 from ddpm_core.generation import DEFAULT_SAMPLE, load_unet, params_from_logged, sampler_for
-from ddpm_core.data import DATASETS
 from ddpm_core.prompts import CLASS_NAMES, accepted, parse_dataset_prompt
 from ddpm_core.samplers import SAMPLERS, sample
 from ddpm_core.seeding import seed_everything
@@ -85,7 +85,9 @@ def _prompt_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ddpm", description="Diffusion models on MNIST or Fashion-MNIST: draw images from a trained model.")
+    parser = argparse.ArgumentParser(
+        prog="ddpm", description="Diffusion models on MNIST or Fashion-MNIST: draw images from a trained model."
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     gen = commands.add_parser(
         "generate",
@@ -96,15 +98,28 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     gen.add_argument("--prompt", help=_prompt_help())
-    gen.add_argument("--unconditional", action="store_true", help="use the unconditional model instead: any classes, no --prompt")
-    gen.add_argument("--n", type=_positive_int, default=8, help="images per class of the prompt; with --unconditional, images in all (default 8)")
+    gen.add_argument(
+        "--unconditional", action="store_true", help="use the unconditional model instead: any classes, no --prompt"
+    )
+    gen.add_argument(
+        "--n",
+        type=_positive_int,
+        default=8,
+        help="images per class of the prompt; with --unconditional, images in all (default 8)",
+    )
     gen.add_argument("--guidance", type=_non_negative_float, help="classifier-free guidance weight: 1 = plain conditional, "
                      "higher = more typical images (default: sample.guidance of params.yaml)")  # fmt: skip
     gen.add_argument("--sampler", choices=SAMPLERS, help="sampling method (default: sample.sampler of params.yaml)")
-    gen.add_argument("--steps", type=_positive_int, help="sampling steps; ddpm always takes all T (default: sample.steps of params.yaml)")
+    gen.add_argument(
+        "--steps",
+        type=_positive_int,
+        help="sampling steps; ddpm always takes all T (default: sample.steps of params.yaml)",
+    )
     gen.add_argument("--seed", type=int, default=0, help="all noise derives from it (default 0)")
     gen.add_argument("--out", type=Path, default=Path("generated.png"), help="the PNG to write (default generated.png)")
-    gen.add_argument("--animate", type=Path, metavar="GIF", help="also write the sampling, from noise to images, as an animated GIF")
+    gen.add_argument(
+        "--animate", type=Path, metavar="GIF", help="also write the sampling, from noise to images, as an animated GIF"
+    )
     gen.add_argument("--frames", choices=("xt", "x0"), default="xt",
                      help="what the GIF shows at each step: the noisy image x_t (default) or the model's prediction of the clean image")  # fmt: skip
     gen.add_argument("--run-id", help="load the weights logged by this MLflow run (a train_cond or train_uncond run, "
@@ -121,16 +136,22 @@ def _sample_defaults() -> dict:
     return FALLBACK_SAMPLE
 
 
-def _load_model(args: argparse.Namespace, kind: str, device: torch.device) -> tuple[torch.nn.Module, DiffusionParams, str, str]:
+def _load_model(
+    args: argparse.Namespace, kind: str, device: torch.device
+) -> tuple[torch.nn.Module, DiffusionParams, str, str]:
     """The model, its noise schedule's params, where it came from, and its dataset:
     models/<kind>.pt with ./params.yaml, or the weights and params of --run-id or --model."""
     conditional = kind == "cond"
     if args.run_id is None and args.model is None:
         path = Path("models") / f"{kind}.pt"
         if not path.exists():
-            raise CheckpointError(f"{path}: not found; train it with `dvc repro train_{kind}`, or load one from MLflow with --run-id or --model")
+            raise CheckpointError(
+                f"{path}: not found; train it with `dvc repro train_{kind}`, or load one from MLflow with --run-id or --model"
+            )
         if not Path("params.yaml").exists():
-            raise ConfigError("params.yaml: not found; the models/ weights need the params they were trained with: run in the project folder")
+            raise ConfigError(
+                "params.yaml: not found; the models/ weights need the params they were trained with: run in the project folder"
+            )
         params = load_params("params.yaml")
         return load_unet(path, params.model, conditional, device), params.diffusion, str(path), params.data.dataset
     from ddpm_core import tracking  # imports mlflow: only when asked for
@@ -155,7 +176,9 @@ def generate(args: argparse.Namespace) -> None:
         raise UsageError("--unconditional draws any class; leave out --prompt")
     if not args.unconditional and args.prompt is None:
         dataset = _dataset_for_messages()
-        raise UsageError(f"say which classes: --prompt {PROMPT_EXAMPLE[dataset]} ({accepted(CLASS_NAMES[dataset])}), or --unconditional")
+        raise UsageError(
+            f"say which classes: --prompt {PROMPT_EXAMPLE[dataset]} ({accepted(CLASS_NAMES[dataset])}), or --unconditional"
+        )
     # Without --run-id the dataset is params.yaml's: refuse a bad prompt before loading anything.
     if args.run_id and args.model:
         raise UsageError("--run-id and --model both name the weights; give one")
@@ -172,7 +195,9 @@ def generate(args: argparse.Namespace) -> None:
     if classes is None:
         classes = _classes(args, dataset)
     if sampler_name != "ddpm" and steps > diffusion.timesteps:
-        raise UsageError(f"--steps {steps}: the model has {diffusion.timesteps} diffusion timesteps, steps can't exceed that")
+        raise UsageError(
+            f"--steps {steps}: the model has {diffusion.timesteps} diffusion timesteps, steps can't exceed that"
+        )
     sampler = sampler_for(diffusion, {**defaults, "sampler": sampler_name}, steps)
 
     labels = torch.tensor(classes).repeat_interleave(args.n) if classes else None
@@ -190,7 +215,17 @@ def generate(args: argparse.Namespace) -> None:
             if recorder is not None:
                 recorder(k, x, x0)
 
-        images = sample(model, sampler, (count, 1, 28, 28), generator, labels, guidance if classes else 1.0, device, autocast, on_step)
+        images = sample(
+            model,
+            sampler,
+            (count, 1, 28, 28),
+            generator,
+            labels,
+            guidance if classes else 1.0,
+            device,
+            autocast,
+            on_step,
+        )
 
     grid = image_grid(images, nrow)
     write_atomic(args.out, lambda f: Image.fromarray(grid).save(f, format="PNG"))
@@ -199,7 +234,9 @@ def generate(args: argparse.Namespace) -> None:
     else:
         what = f"classes {', '.join(CLASS_NAMES[dataset][c] for c in classes)}"
     what = f"{what}, guidance {guidance:g}" if classes else "unconditional"
-    print(f"wrote {args.out}: {count} images ({what}; {sampler_name}, {len(sampler.timesteps)} steps, seed {args.seed}; {source})")
+    print(
+        f"wrote {args.out}: {count} images ({what}; {sampler_name}, {len(sampler.timesteps)} steps, seed {args.seed}; {source})"
+    )
     if recorder is not None:
         save_gif(args.animate, recorder.frames)
         print(f"wrote {args.animate}: {len(recorder.frames)} frames")

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import ErrorDetails
 
 from ddpm_core.errors import ConfigError
 
@@ -134,13 +135,13 @@ def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _describe(error: dict, source: str) -> str:
+def _describe(error: ErrorDetails, source: str) -> str:
     loc = tuple(p for p in error["loc"] if isinstance(p, str))
     key = ".".join(str(p) for p in error["loc"])
     if error["type"] == "extra_forbidden":
         known = _known_keys(Params, loc[:-1])
         near = difflib.get_close_matches(loc[-1], known, n=1)
-        hint = f" (did you mean '{'.'.join(loc[:-1] + (near[0],))}'?)" if near else ""
+        hint = f" (did you mean '{'.'.join((*loc[:-1], near[0]))}'?)" if near else ""
         allowed = ", ".join(known)
         return f"{source}: unknown key '{key}'{hint}; allowed here: {allowed}"
     if error["type"] == "missing":

@@ -134,12 +134,16 @@ def _fill(dataset_key: str, mirror: Path | None, staging: Path) -> str:
         other = _from_folder(mirror, dataset, staging)
         if other is None:
             return str(mirror)
-        print(f"note: DDPM_DATA_MIRROR {mirror} holds {DATASETS[other].title}, not {dataset.title}; trying the next source")
+        print(
+            f"note: DDPM_DATA_MIRROR {mirror} holds {DATASETS[other].title}, not {dataset.title}; trying the next source"
+        )
     if dataset.system_folder is not None and dataset.system_folder.is_dir():
         other = _from_folder(dataset.system_folder, dataset, staging)
         if other is None:
             return str(dataset.system_folder)
-        print(f"note: {dataset.system_folder} holds {DATASETS[other].title}, not {dataset.title}; trying the next source")
+        print(
+            f"note: {dataset.system_folder} holds {DATASETS[other].title}, not {dataset.title}; trying the next source"
+        )
     _from_torchvision(dataset, staging)
     return "torchvision download"
 

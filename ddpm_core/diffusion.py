@@ -9,6 +9,7 @@ closed form (`x0_and_eps`), which is all the samplers use.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,7 +54,9 @@ def v_target(schedule: NoiseSchedule, x0: torch.Tensor, index: torch.Tensor, noi
     return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
 
 
-def x0_and_eps(alpha_bar: torch.Tensor, xt: torch.Tensor, output: torch.Tensor, prediction: str) -> tuple[torch.Tensor, torch.Tensor]:
+def x0_and_eps(
+    alpha_bar: torch.Tensor, xt: torch.Tensor, output: torch.Tensor, prediction: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(x̂_0, ε̂) from the network's output at noise level ᾱ (a scalar or broadcastable).
 
     ε-prediction: x̂_0 = (x_t − σ ε̂) / α.  v-prediction: x̂_0 = α x_t − σ v̂, ε̂ = σ x_t + α v̂.
@@ -71,7 +74,9 @@ def predicted_x0(schedule: NoiseSchedule, xt: torch.Tensor, index: torch.Tensor,
     return x0_and_eps(_per_sample(schedule.alpha_bars, index, xt), xt, eps, "eps")[0]
 
 
-def min_snr_weights(schedule: NoiseSchedule, index: torch.Tensor, gamma: float, prediction: str = "eps") -> torch.Tensor:
+def min_snr_weights(
+    schedule: NoiseSchedule, index: torch.Tensor, gamma: float, prediction: str = "eps"
+) -> torch.Tensor:
     """Hang et al. 2023 (Min-SNR-γ): the weight of the ε or v loss at each timestep.
 
     SNR_t = ᾱ_t / (1 − ᾱ_t). In terms of x̂_0 every variant weighs ‖x_0 − x̂_0‖² by
@@ -131,6 +136,6 @@ def diffusion_loss_terms(
     return LossTerms(loss, t, eps_mse)
 
 
-def diffusion_loss(*args, **kwargs) -> torch.Tensor:
+def diffusion_loss(*args: Any, **kwargs: Any) -> torch.Tensor:
     """The scalar of `diffusion_loss_terms` (same arguments)."""
     return diffusion_loss_terms(*args, **kwargs).loss

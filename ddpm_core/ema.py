@@ -25,7 +25,11 @@ def make_ema(model: nn.Module, decay: float) -> AveragedModel:
     """
 
     @torch.no_grad()
-    def ema_update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor):
+    def ema_update(
+        averaged: list[torch.Tensor] | tuple[torch.Tensor, ...],
+        current: list[torch.Tensor] | tuple[torch.Tensor, ...],
+        num_averaged: torch.Tensor | int,
+    ) -> None:
         d = warmed_up_decay(decay, int(num_averaged))
         torch._foreach_lerp_(averaged, current, 1 - d)
 

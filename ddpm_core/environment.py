@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import platform
 import subprocess
+from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -39,7 +39,9 @@ def git_revision(root: Path) -> str:
     Code is what CODE_FILES matches; params.yaml, dvc.lock and outputs are left out on
     purpose: they change with every experiment and are hashed separately."""
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE_FILES],
             cwd=root, capture_output=True, text=True, check=True,

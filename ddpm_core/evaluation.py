@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -104,14 +105,15 @@ class ResidualClassifier(nn.Module):
         return self.head(self.features(images))
 
 
-ARCHITECTURES = {"vgg": Classifier, "residual": ResidualClassifier}
+Judge = Classifier | ResidualClassifier  # the two feature spaces of FID
+ARCHITECTURES: dict[str, type[Judge]] = {"vgg": Classifier, "residual": ResidualClassifier}
 
 
 class ClassifierFeatures(nn.Module):
     """The `feature=` module for torchmetrics' FID: float images in [0, 1] → the classifier's
     penultimate features (128-d or 256-d)."""
 
-    def __init__(self, classifier: nn.Module):
+    def __init__(self, classifier: Judge):
         super().__init__()
         self.classifier = classifier.eval()
         self.num_features = classifier.num_features
@@ -122,7 +124,7 @@ class ClassifierFeatures(nn.Module):
 
 def train_classifier(
     train: ImageSet, epochs: int, batch_size: int, lr: float, seed: int, device: torch.device, architecture: str = "vgg"
-) -> nn.Module:
+) -> Judge:
     """AdamW with a one-cycle schedule and random shifts of up to 2 pixels; `architecture`
     is a key of `ARCHITECTURES`."""
     generator = torch.Generator().manual_seed(seed)
@@ -156,7 +158,7 @@ def random_shift(images: torch.Tensor, generator: torch.Generator, max_shift: in
     size = images.shape[-1]
     padded = F.pad(images, (max_shift,) * 4)
     dx, dy = torch.randint(0, 2 * max_shift + 1, (2, images.shape[0]), generator=generator).tolist()
-    return torch.stack([p[:, y : y + size, x : x + size] for p, x, y in zip(padded, dx, dy)])
+    return torch.stack([p[:, y : y + size, x : x + size] for p, x, y in zip(padded, dx, dy, strict=True)])
 
 
 @torch.inference_mode()
@@ -187,7 +189,7 @@ class FeatureFID:
     image sets with them.
     """
 
-    def __init__(self, classifier: nn.Module, reference: torch.Tensor, batch_size: int = 1000):
+    def __init__(self, classifier: Judge, reference: torch.Tensor, batch_size: int = 1000):
         # Imported here: torchmetrics takes ~2 s to import, which the stages that only
         # classify (train_evaluator, plot) would pay at every start.
         from torchmetrics.image.fid import FrechetInceptionDistance
@@ -212,7 +214,9 @@ class FeatureFID:
         return max(0.0, self.metric.compute().item())
 
 
-def judge_images(classifier: nn.Module, fid: FeatureFID, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+def judge_images(
+    classifier: nn.Module, fid: FeatureFID, images: torch.Tensor, labels: torch.Tensor | None = None
+) -> dict:
     """One judge's view of one set of uint8 images: `fid` (against `fid`'s reference), the
     predicted classes' `class_fractions` and `max_class_deviation` (largest |fraction − 1/10|),
     and with `labels`, `accuracy` and `accuracy_per_class` (the judge agrees with the label).
@@ -268,7 +272,7 @@ def evaluate_samples(
     }
 
 
-def load_classifier(path, architecture: str, device: torch.device | str = "cpu") -> nn.Module:
+def load_classifier(path: Path, architecture: str, device: torch.device | str = "cpu") -> Judge:
     """A trained judge from its state_dict file, in eval mode."""
     model = ARCHITECTURES[architecture]()
     model.load_state_dict(load_safe(path))
@@ -279,7 +283,7 @@ def load_classifier(path, architecture: str, device: torch.device | str = "cpu")
 JUDGES = {"": ("evaluator.pt", "vgg"), "alt": ("evaluator_alt.pt", "residual")}
 
 
-def load_judges(models_dir: Path, device: torch.device | str = "cpu") -> dict[str, nn.Module]:
+def load_judges(models_dir: Path, device: torch.device | str = "cpu") -> dict[str, Judge]:
     """Both trained judges from `models_dir`, keyed as `JUDGES` ("" and "alt")."""
     return {name: load_classifier(Path(models_dir) / file, arch, device) for name, (file, arch) in JUDGES.items()}
 
@@ -297,7 +301,7 @@ class SampleScorer:
     N real training images: what real digits score).
     """
 
-    def __init__(self, judges: dict[str, nn.Module], test_images: torch.Tensor, train_images: torch.Tensor):
+    def __init__(self, judges: dict[str, Judge], test_images: torch.Tensor, train_images: torch.Tensor):
         self.judges = judges
         self.fids = {name: FeatureFID(classifier, test_images) for name, classifier in judges.items()}
         self.test_images, self.train_images = test_images, train_images
@@ -346,7 +350,7 @@ def evaluate_guidance_sweep(
     the floor for that many images: FID grows as N shrinks, so compare with it. With
     `fid_alt`, also the FID in the second judge's space (`fid_alt`, `fid_alt_floor`)."""
     n = len(next(iter(samples.values()))[1])
-    sweep = {"num_samples": n, "fid_floor": fid.score(train_images[:n])}
+    sweep: dict[str, Any] = {"num_samples": n, "fid_floor": fid.score(train_images[:n])}
     if fid_alt is not None:
         sweep["fid_alt_floor"] = fid_alt.score(train_images[:n])
     for guidance, (images, labels) in samples.items():

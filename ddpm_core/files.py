@@ -6,8 +6,9 @@ import io
 import os
 import pickle
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 import torch
 
@@ -23,7 +24,7 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
-def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Call `write(f)` on a temporary file beside `path`, then rename it to `path`: a crash
     or a full disk never leaves a truncated file under the final name."""
     path = Path(path)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Callable, ContextManager
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +19,7 @@ from ddpm_core.config import DiffusionParams, ModelParams
 from ddpm_core.data import DATASETS, NUM_CLASSES, to_uint8
 from ddpm_core.errors import DataError, TrackingError
 from ddpm_core.files import load_safe, write_atomic
-from ddpm_core.samplers import make_sampler, sample
+from ddpm_core.samplers import Sampler, make_sampler, sample
 from ddpm_core.schedule import make_schedule
 from ddpm_core.unet import UNet, build_unet
 
@@ -46,16 +48,20 @@ def params_from_logged(flat: dict[str, str], source: str) -> tuple[ModelParams, 
         model_params = ModelParams.model_validate(_section(flat, "model"))
         # runs from before v-prediction did not log diffusion.prediction (they predicted ε),
         # nor those from before offset noise diffusion.offset_noise (they had none)
-        diffusion = DiffusionParams.model_validate({"prediction": "eps", "offset_noise": 0.0, **_section(flat, "diffusion")})
+        diffusion = DiffusionParams.model_validate(
+            {"prediction": "eps", "offset_noise": 0.0, **_section(flat, "diffusion")}
+        )
     except ValidationError as exc:
-        raise TrackingError(f"{source}: its logged model/diffusion params are unusable ({exc.errors()[0]['msg']})") from None
+        raise TrackingError(
+            f"{source}: its logged model/diffusion params are unusable ({exc.errors()[0]['msg']})"
+        ) from None
     dataset = flat.get("data.dataset", "mnist")  # runs from before Fashion-MNIST did not log it
     if dataset not in DATASETS:
         raise TrackingError(f"{source}: logged data.dataset {dataset!r} is not one of {', '.join(DATASETS)}")
     return model_params, diffusion, dataset
 
 
-def sampler_for(diffusion: DiffusionParams, sample_params: dict, steps: int | None = None):
+def sampler_for(diffusion: DiffusionParams, sample_params: dict, steps: int | None = None) -> Sampler:
     """The sampler of a `sample` section (params.yaml's, or DEFAULT_SAMPLE) for a model of
     `diffusion`, with `steps` overriding its steps. sample.t_min fits its own steps; with
     other steps it is lowered so that the steps stay distinct."""
@@ -64,7 +70,13 @@ def sampler_for(diffusion: DiffusionParams, sample_params: dict, steps: int | No
     t_min = None if t_min is None or steps == 1 else min(t_min, diffusion.timesteps - steps)
     schedule = make_schedule(diffusion.schedule, diffusion.timesteps)
     return make_sampler(
-        sample_params["sampler"], schedule, steps, sample_params["eta"], diffusion.prediction, offset_noise=diffusion.offset_noise, t_min=t_min
+        sample_params["sampler"],
+        schedule,
+        steps,
+        sample_params["eta"],
+        diffusion.prediction,
+        offset_noise=diffusion.offset_noise,
+        t_min=t_min,
     )
 
 
@@ -75,14 +87,14 @@ def balanced_labels(n: int, num_classes: int = NUM_CLASSES) -> torch.Tensor:
 
 def generate(
     model: UNet,
-    sampler,
+    sampler: Sampler,
     n: int,
     generator: torch.Generator,
     labels: torch.Tensor | None = None,
     guidance: float = 1.0,
     batch_size: int = 500,
     device: torch.device | str = "cpu",
-    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+    autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
     desc: str = "sampling",
 ) -> torch.Tensor:
     """`n` uint8 images (n, 1, 28, 28), in batches; one generator feeds every batch, so
@@ -100,7 +112,7 @@ def generate(
 
 def save_samples(path: Path, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
     """Write `images` (uint8, N×1×28×28) as an .npz of `images` (N×28×28) and, if given, `labels` (int64)."""
-    arrays = {"images": images[:, 0].numpy()}
+    arrays: dict[str, Any] = {"images": images[:, 0].numpy()}
     if labels is not None:
         arrays["labels"] = labels.numpy()
     write_atomic(path, lambda f: np.savez_compressed(f, **arrays))
@@ -109,6 +121,14 @@ def save_samples(path: Path, images: torch.Tensor, labels: torch.Tensor | None =
 def sweep_samples_path(samples_dir: Path, guidance: float) -> Path:
     """Where the guidance sweep's conditional samples at weight `guidance` live."""
     return Path(samples_dir) / "sweep" / f"guidance_{guidance:g}.npz"
+
+
+def load_labelled_samples(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """`load_samples` of a file that must hold labels (conditional samples)."""
+    images, labels = load_samples(path)
+    if labels is None:
+        raise DataError(f"{path}: no labels in it; run the sample stage again")
+    return images, labels
 
 
 def load_samples(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -6,10 +6,14 @@ import contextlib
 import functools
 import os
 import platform
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Callable, ContextManager
+from typing import TypeVar
 
 import torch
+
+M = TypeVar("M", bound=torch.nn.Module)
 
 
 def pick_device() -> torch.device:
@@ -68,7 +72,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
-def autocast_factory(precision: str, device: torch.device) -> Callable[[], ContextManager]:
+def autocast_factory(precision: str, device: torch.device) -> Callable[[], AbstractContextManager]:
     """A zero-argument function returning the autocast context for this precision."""
     if precision == "fp32":
         return contextlib.nullcontext
@@ -81,12 +85,12 @@ def sampling_precision(device: torch.device) -> str:
     return resolve_precision("auto", device)
 
 
-def sampling_autocast(device: torch.device) -> Callable[[], ContextManager]:
+def sampling_autocast(device: torch.device) -> Callable[[], AbstractContextManager]:
     """The autocast of sampling, at `sampling_precision`."""
     return autocast_factory(sampling_precision(device), device)
 
 
-def place_model(model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
+def place_model(model: M, device: torch.device, precision: str) -> M:
     """Move `model` to `device`, in the memory layout that is fastest for `precision`.
 
     Channels-last on CUDA, and on the CPU in fp32, where oneDNN otherwise reorders NCHW
@@ -96,8 +100,11 @@ def place_model(model: torch.nn.Module, device: torch.device, precision: str) ->
     Activations follow the weights' layout, so inputs need no conversion.
     """
     if device.type == "cuda" or (device.type == "cpu" and precision == "fp32"):
-        return model.to(device, memory_format=torch.channels_last)
-    return model.to(device)
+        model.to(device)
+        model.to(memory_format=torch.channels_last)
+    else:
+        model.to(device)
+    return model  # Module.to works in place
 
 
 def configure_threads() -> int:

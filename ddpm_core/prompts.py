@@ -9,16 +9,24 @@ index ("7") or its name ("seven"), in any case. Names may hold spaces (Fashion-M
 from __future__ import annotations
 
 import re
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from ddpm_core.errors import DDPMError
 
 CLASS_NAMES: dict[str, tuple[str, ...]] = {
     "mnist": ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"),
     "fashion-mnist": (
-        "t-shirt/top", "trouser", "pullover", "dress", "coat",
-        "sandal", "shirt", "sneaker", "bag", "ankle boot",
-    ),  # fmt: skip
+        "t-shirt/top",
+        "trouser",
+        "pullover",
+        "dress",
+        "coat",
+        "sandal",
+        "shirt",
+        "sneaker",
+        "bag",
+        "ankle boot",
+    ),
 }
 
 # Other spellings people type, each unambiguous: accepted in prompts, not listed in messages.
@@ -50,7 +58,9 @@ def accepted(names: Sequence[str]) -> str:
     return f"0-{len(names) - 1} or {', '.join(names)}"
 
 
-def parse_prompt(prompt: str, names: Sequence[str] = CLASS_NAMES["mnist"], aliases: Mapping[str, int] = {}) -> list[int]:
+def parse_prompt(
+    prompt: str, names: Sequence[str] = CLASS_NAMES["mnist"], aliases: Mapping[str, int] = {}
+) -> list[int]:
     """Class indices in the order asked: "3 one, Four" → [3, 1, 4]; repeats are kept."""
     table = {tuple(_words(name)): index for name, index in aliases.items()}
     table.update({tuple(_words(name)): index for index, name in enumerate(names)})

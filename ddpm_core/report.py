@@ -44,18 +44,35 @@ def render_report(
     dataset = params.get("data.dataset", "mnist")
     names = class_labels(dataset)
     results = [
-        ("FID, unconditional samples", f"{metrics['fid_uncond']:.3f}", f"{metrics['fid_uncond_over_floor']:.2f}× floor"),
+        (
+            "FID, unconditional samples",
+            f"{metrics['fid_uncond']:.3f}",
+            f"{metrics['fid_uncond_over_floor']:.2f}× floor",
+        ),
         ("FID, conditional samples", f"{metrics['fid_cond']:.3f}", f"{metrics['fid_cond_over_floor']:.2f}× floor"),
         (f"FID floor ({n} real training images)", f"{floor:.3f}", "what a perfect model scores at this N"),
-        ("second judge: FID unconditional / conditional", f"{metrics['fid_alt_uncond']:.3f} / {metrics['fid_alt_cond']:.3f}",
-         f"{metrics['fid_alt_uncond_over_floor']:.2f}× / {metrics['fid_alt_cond_over_floor']:.2f}× its floor {metrics['fid_alt_floor']:.3f}"),
+        (
+            "second judge: FID unconditional / conditional",
+            f"{metrics['fid_alt_uncond']:.3f} / {metrics['fid_alt_cond']:.3f}",
+            f"{metrics['fid_alt_uncond_over_floor']:.2f}× / {metrics['fid_alt_cond_over_floor']:.2f}× its floor {metrics['fid_alt_floor']:.3f}",
+        ),
         ("second judge: conditional accuracy", f"{metrics['cond_accuracy_alt']:.4f}", "another architecture and seed"),
         ("conditional accuracy", f"{metrics['cond_accuracy']:.4f}", "evaluator agrees with the requested class"),
-        ("unconditional: largest class deviation", f"{metrics['uncond_max_class_deviation']:.4f}", "max |fraction − 0.1|"),
-        ("exact-zero pixels, unconditional / conditional", f"{metrics['zero_pixels_uncond']:.3f} / {metrics['zero_pixels_cond']:.3f}",
-         f"real test images: {metrics['zero_pixels_real']:.3f}"),
-        ("pixel-histogram TV distance, unconditional / conditional", f"{metrics['pixel_hist_tv_uncond']:.3f} / {metrics['pixel_hist_tv_cond']:.3f}",
-         "share of pixels whose value would have to change; 0 = the real histogram"),
+        (
+            "unconditional: largest class deviation",
+            f"{metrics['uncond_max_class_deviation']:.4f}",
+            "max |fraction − 0.1|",
+        ),
+        (
+            "exact-zero pixels, unconditional / conditional",
+            f"{metrics['zero_pixels_uncond']:.3f} / {metrics['zero_pixels_cond']:.3f}",
+            f"real test images: {metrics['zero_pixels_real']:.3f}",
+        ),
+        (
+            "pixel-histogram TV distance, unconditional / conditional",
+            f"{metrics['pixel_hist_tv_uncond']:.3f} / {metrics['pixel_hist_tv_cond']:.3f}",
+            "share of pixels whose value would have to change; 0 = the real histogram",
+        ),
         (f"evaluator accuracy ({DATASETS[dataset].title} test)", f"{evaluator_accuracy:.4f}", "the judge itself"),
     ]
     per_class = [
@@ -63,7 +80,8 @@ def render_report(
         for c in metrics["cond_accuracy_per_class"]
     ]
     train_rows = [
-        (name, f"{t['final_loss']:.4f}", f"{t['images_per_s']:.0f}", f"{t['train_seconds']:.0f}") for name, t in training.items()
+        (name, f"{t['final_loss']:.4f}", f"{t['images_per_s']:.0f}", f"{t['train_seconds']:.0f}")
+        for name, t in training.items()
     ]
     sections = [
         "# ddpm-mnist report",

@@ -14,7 +14,8 @@ variance β̃_t. Like diffusers' schedulers, a sampler knows what the network pr
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
@@ -23,7 +24,9 @@ from ddpm_core.diffusion import draw_noise, x0_and_eps
 from ddpm_core.schedule import NoiseSchedule
 
 
-def _x0_and_eps(alpha_bar: torch.Tensor, xt: torch.Tensor, output: torch.Tensor, clip: bool, prediction: str):
+def _x0_and_eps(
+    alpha_bar: torch.Tensor, xt: torch.Tensor, output: torch.Tensor, clip: bool, prediction: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     x0, eps = x0_and_eps(alpha_bar, xt, output, prediction)
     if clip:
         x0 = x0.clamp(-1, 1)
@@ -34,7 +37,9 @@ def _x0_and_eps(alpha_bar: torch.Tensor, xt: torch.Tensor, output: torch.Tensor,
 class DDPMSampler:
     """Ho et al. 2020, ancestral sampling over all T steps with σ_t² = β̃_t."""
 
-    def __init__(self, schedule: NoiseSchedule, clip_x0: bool = True, prediction: str = "eps", offset_noise: float = 0.0):
+    def __init__(
+        self, schedule: NoiseSchedule, clip_x0: bool = True, prediction: str = "eps", offset_noise: float = 0.0
+    ):
         self.schedule = schedule
         self.clip_x0 = clip_x0
         self.prediction = prediction
@@ -69,7 +74,9 @@ def trailing_timesteps(timesteps: int, steps: int, last: int | None = None) -> t
     if last is None or steps == 1:
         return (torch.arange(steps, 0, -1, dtype=torch.float64) * (timesteps / steps)).round().long() - 1
     if not 0 <= last <= timesteps - steps:
-        raise ValueError(f"the last sampling timestep (sample.t_min) must be in [0, {timesteps - steps}] for {steps} steps of {timesteps}, got {last}")
+        raise ValueError(
+            f"the last sampling timestep (sample.t_min) must be in [0, {timesteps - steps}] for {steps} steps of {timesteps}, got {last}"
+        )
     return torch.linspace(timesteps - 1, last, steps, dtype=torch.float64).round().long()
 
 
@@ -77,7 +84,13 @@ class _FewStepSampler:
     """Shared by the samplers that visit a subset of the T timesteps."""
 
     def __init__(
-        self, schedule: NoiseSchedule, steps: int, clip_x0: bool = True, prediction: str = "eps", offset_noise: float = 0.0, t_min: int | None = None
+        self,
+        schedule: NoiseSchedule,
+        steps: int,
+        clip_x0: bool = True,
+        prediction: str = "eps",
+        offset_noise: float = 0.0,
+        t_min: int | None = None,
     ):
         self.schedule = schedule
         self.clip_x0 = clip_x0
@@ -95,7 +108,14 @@ class DDIMSampler(_FewStepSampler):
     """Song et al. 2021 over trailing timesteps; η = 0 is deterministic."""
 
     def __init__(
-        self, schedule: NoiseSchedule, steps: int, eta: float = 0.0, clip_x0: bool = True, prediction: str = "eps", offset_noise: float = 0.0, t_min: int | None = None
+        self,
+        schedule: NoiseSchedule,
+        steps: int,
+        eta: float = 0.0,
+        clip_x0: bool = True,
+        prediction: str = "eps",
+        offset_noise: float = 0.0,
+        t_min: int | None = None,
     ):
         super().__init__(schedule, steps, clip_x0, prediction, offset_noise, t_min)
         self.eta = eta
@@ -121,7 +141,13 @@ class DPMSolverPPSampler(_FewStepSampler):
     """
 
     def __init__(
-        self, schedule: NoiseSchedule, steps: int, clip_x0: bool = True, prediction: str = "eps", offset_noise: float = 0.0, t_min: int | None = None
+        self,
+        schedule: NoiseSchedule,
+        steps: int,
+        clip_x0: bool = True,
+        prediction: str = "eps",
+        offset_noise: float = 0.0,
+        t_min: int | None = None,
     ):
         super().__init__(schedule, steps, clip_x0, prediction, offset_noise, t_min)
         self._previous: tuple[torch.Tensor, torch.Tensor] | None = None  # (x̂_0, h) of the last step
@@ -151,9 +177,19 @@ def _log_snr(alpha_bar: torch.Tensor) -> torch.Tensor:
 
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
+Sampler = DDPMSampler | DDIMSampler | DPMSolverPPSampler
 
 
-def make_sampler(name: str, schedule: NoiseSchedule, steps: int, eta: float, prediction: str, *, offset_noise: float, t_min: int | None = None):
+def make_sampler(
+    name: str,
+    schedule: NoiseSchedule,
+    steps: int,
+    eta: float,
+    prediction: str,
+    *,
+    offset_noise: float,
+    t_min: int | None = None,
+) -> Sampler:
     """A sampler by its `sample.sampler` name; `steps` and `t_min` (the last timestep
     visited, `trailing_timesteps`) are ignored by DDPM (always all T).
 
@@ -171,9 +207,13 @@ def make_sampler(name: str, schedule: NoiseSchedule, steps: int, eta: float, pre
     if name == "ddpm":
         return DDPMSampler(schedule, clip_x0=clip, prediction=prediction, offset_noise=offset_noise)
     if name == "ddim":
-        return DDIMSampler(schedule, steps, eta, clip_x0=clip, prediction=prediction, offset_noise=offset_noise, t_min=t_min)
+        return DDIMSampler(
+            schedule, steps, eta, clip_x0=clip, prediction=prediction, offset_noise=offset_noise, t_min=t_min
+        )
     if name == "dpmpp2m":
-        return DPMSolverPPSampler(schedule, steps, clip_x0=clip, prediction=prediction, offset_noise=offset_noise, t_min=t_min)
+        return DPMSolverPPSampler(
+            schedule, steps, clip_x0=clip, prediction=prediction, offset_noise=offset_noise, t_min=t_min
+        )
     raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
 
 
@@ -188,7 +228,9 @@ def guided_output(
     """
     if labels is None or guidance == 1:
         return model(xt, t, labels)
-    null = torch.full_like(labels, model.null_class)
+    null_class = model.null_class  # UNet's: the extra row of its class embedding
+    assert isinstance(null_class, int)
+    null = torch.full_like(labels, null_class)
     if guidance == 0:
         return model(xt, t, null)
     eps_cond, eps_null = model(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([labels, null])).chunk(2)
@@ -198,13 +240,13 @@ def guided_output(
 @torch.inference_mode()
 def sample(
     model: nn.Module,
-    sampler,
+    sampler: Sampler,
     shape: tuple[int, ...],
     generator: torch.Generator,
     labels: torch.Tensor | None = None,
     guidance: float = 1.0,
     device: torch.device | str = "cpu",
-    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+    autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
     on_step: Callable[[int, torch.Tensor, torch.Tensor | None], None] | None = None,
 ) -> torch.Tensor:
     """Draw `shape` images in [−1, 1]. All noise comes from the CPU `generator`, so the
@@ -225,7 +267,9 @@ def sample(
         noise = draw_noise(shape, generator, sampler.offset_noise).to(device)
         x_next = sampler.step(x, output, i, noise)
         if on_step is not None:
-            x0, _ = _x0_and_eps(sampler.schedule.alpha_bar_at(torch.tensor(t)), x, output, sampler.clip_x0, sampler.prediction)
+            x0, _ = _x0_and_eps(
+                sampler.schedule.alpha_bar_at(torch.tensor(t)), x, output, sampler.clip_x0, sampler.prediction
+            )
             on_step(i + 1, x_next, x0)
         x = x_next
     return x.clamp(-1, 1)

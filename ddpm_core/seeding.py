@@ -38,7 +38,9 @@ def rng_state(generator: torch.Generator) -> dict:
 
 def _numpy_state_as_tensors() -> tuple:
     # torch.load(weights_only=True) refuses numpy arrays; the key array travels as a tensor.
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = np.random.get_state(legacy=True)
+    assert isinstance(state, tuple)  # legacy=True: (name, keys, pos, has_gauss, cached)
+    name, keys, pos, has_gauss, cached = state
     return (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
 
 

@@ -17,8 +17,9 @@ import socket
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import mlflow
 import mlflow.pyfunc
@@ -27,11 +28,23 @@ import pandas as pd
 import psutil
 import requests
 from filelock import FileLock
-from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelOutput, LoggedModelStatus, Metric, Param, RunStatus, RunTag
+from mlflow.entities import (
+    Dataset,
+    DatasetInput,
+    InputTag,
+    LoggedModelOutput,
+    LoggedModelStatus,
+    Metric,
+    Param,
+    RunStatus,
+    RunTag,
+)
+from mlflow.entities.model_registry import RegisteredModel
 from mlflow.models import Model, ModelSignature
-from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
 from ddpm_core.config import flatten
@@ -94,7 +107,7 @@ class _PatientClient:
         self._client = MlflowClient(uri, registry_uri=uri)
         self.uri = uri
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         method = getattr(self._client, name)
 
         def patiently(*args, **kwargs):
@@ -178,7 +191,9 @@ class _SystemMetrics(SystemMetricsMonitor):
 
     def publish_metrics(self, metrics: dict[str, float]) -> None:
         timestamp = int(time.time() * 1000)
-        entries = [Metric(self._metrics_prefix + k, float(v), timestamp, self._logging_step) for k, v in metrics.items()]
+        entries = [
+            Metric(self._metrics_prefix + k, float(v), timestamp, self._logging_step) for k, v in metrics.items()
+        ]
         self._client.log_batch(self._run_id, metrics=entries)
         self._logging_step += 1
         for monitor in self.monitors:
@@ -225,7 +240,9 @@ class StageRun:
         """Refuse, before any work, a registered model of our name that this project did not make."""
         _registered_model(self.client, registered_name(kind))
 
-    def log_model(self, kind: str, weights: Path, params: dict[str, Any], version_tags: dict[str, str]) -> tuple[str, int]:
+    def log_model(
+        self, kind: str, weights: Path, params: dict[str, Any], version_tags: dict[str, str]
+    ) -> tuple[str, int]:
         """The weights as an MLflow logged model (a pyfunc that draws images, `DigitSampler`)
         from this run, an output of this run and of the parent run, and a new version of
         the registered model `registered_name(kind)` tagged with `version_tags`. Returns
@@ -271,7 +288,12 @@ class StageRun:
             # it); the registry looks that id up in the process's global store, so point it at ours.
             with _global_store(self.client.uri):
                 version = self.client.create_model_version(
-                    name, source=f"models:/{model.model_id}", run_id=self.run_id, tags=version_tags, model_id=model.model_id, await_creation_for=0
+                    name,
+                    source=f"models:/{model.model_id}",
+                    run_id=self.run_id,
+                    tags=version_tags,
+                    model_id=model.model_id,
+                    await_creation_for=0,
                 )
         except BaseException:
             with contextlib.suppress(Exception):
@@ -318,16 +340,21 @@ class StageRun:
         self.client.log_batch(self.parent_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
-def _find_or_start_parent(client: _PatientClient, experiment_id: str, pipeline_id: str, pipeline_name: str, all_params: dict) -> str:
+def _find_or_start_parent(
+    client: _PatientClient, experiment_id: str, pipeline_id: str, pipeline_name: str, all_params: dict
+) -> str:
     found = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{PIPELINE_TAG}` = '{pipeline_id}' AND tags.`{ROLE_TAG}` = 'pipeline'",
+        [experiment_id],
+        filter_string=f"tags.`{PIPELINE_TAG}` = '{pipeline_id}' AND tags.`{ROLE_TAG}` = 'pipeline'",
         max_results=1,
     )
     if found:
         parent_id = found[0].info.run_id
         client.update_run(parent_id, status=RunStatus.to_string(RunStatus.RUNNING))
         return parent_id
-    parent = client.create_run(experiment_id, run_name=pipeline_name, tags={PIPELINE_TAG: pipeline_id, ROLE_TAG: "pipeline"})
+    parent = client.create_run(
+        experiment_id, run_name=pipeline_name, tags={PIPELINE_TAG: pipeline_id, ROLE_TAG: "pipeline"}
+    )
     params = _stringify(all_params)
     client.log_batch(parent.info.run_id, params=[Param(k, v) for k, v in params.items()])
     return parent.info.run_id
@@ -387,9 +414,13 @@ def stage_run(
         experiment_id,
         run_name=stage,
         tags={
-            MLFLOW_PARENT_RUN_ID: parent_id, PIPELINE_TAG: pipeline_id, STAGE_TAG: stage, ROLE_TAG: "stage",
-            HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
-        },  # fmt: skip
+            MLFLOW_PARENT_RUN_ID: parent_id,
+            PIPELINE_TAG: pipeline_id,
+            STAGE_TAG: stage,
+            ROLE_TAG: "stage",
+            HOST_TAG: socket.gethostname(),
+            PID_TAG: str(os.getpid()),
+        },
     )
     run = StageRun(client, child.info.run_id, parent_id, experiment_id)
     if environment:
@@ -483,10 +514,11 @@ def _global_store(uri: str) -> Iterator[None]:
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(before)
+        # None unsets it: MLflow takes None, though it annotates `str | Path`.
+        mlflow.set_tracking_uri(before)  # type: ignore[arg-type]
 
 
-def _registered_model(client: _PatientClient, name: str):
+def _registered_model(client: _PatientClient, name: str) -> RegisteredModel | None:
     """The registered model `name` if it exists (None if not); a RegistryError if it exists
     but this project did not make it."""
     try:
@@ -508,12 +540,16 @@ def _signature(kind: str) -> ModelSignature:
     column for the unconditional one); params: the sampler's; output: uint8 (N, 28, 28)."""
     from ddpm_core.generation import DEFAULT_SAMPLE
 
-    columns = [ColSpec("long", "label")] if kind == "cond" else [ColSpec("long", "index", required=False)]
+    columns: list[ColSpec | TensorSpec] = (
+        [ColSpec("long", "label")] if kind == "cond" else [ColSpec("long", "index", required=False)]
+    )
     params = ParamSchema([
         ParamSpec("seed", "long", 0), ParamSpec("sampler", "string", DEFAULT_SAMPLE["sampler"]),
         ParamSpec("steps", "long", DEFAULT_SAMPLE["steps"]), ParamSpec("guidance", "double", DEFAULT_SAMPLE["guidance"]),
     ])  # fmt: skip
-    return ModelSignature(inputs=Schema(columns), outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 28, 28))]), params=params)
+    return ModelSignature(
+        inputs=Schema(columns), outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 28, 28))]), params=params
+    )
 
 
 def _requirements() -> list[str]:
@@ -522,21 +558,19 @@ def _requirements() -> list[str]:
 
     pins = []
     for package in ("torch", "torchvision", "numpy", "pandas", "pyyaml", "pydantic", "mlflow"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             pins.append(f"{package}=={version(package)}")
-        except PackageNotFoundError:
-            pass
     return pins
 
 
-class DigitSampler(mlflow.pyfunc.PythonModel):
+class DigitSampler(PythonModel):
     """The pyfunc flavour of a trained model: `mlflow.pyfunc.load_model(uri).predict(df)`
     draws one image per row of `df` (the conditional model reads the class from its
     `label` column), with params seed, sampler, steps and guidance, and returns them as
     uint8 (N, 28, 28). The same input and params give the same bytes. Needs ddpm_core
     importable (this project installed) where it is loaded."""
 
-    def load_context(self, context) -> None:
+    def load_context(self, context: PythonModelContext) -> None:
         from ddpm_core import hardware
         from ddpm_core.generation import load_unet, params_from_logged
 
@@ -546,7 +580,7 @@ class DigitSampler(mlflow.pyfunc.PythonModel):
         self.device = hardware.pick_device()
         self.model = load_unet(Path(context.artifacts["weights"]), model_params, self.kind == "cond", self.device)
 
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
+    def predict(self, context: PythonModelContext, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
         import torch
 
         from ddpm_core import hardware
@@ -563,7 +597,18 @@ class DigitSampler(mlflow.pyfunc.PythonModel):
         generator = torch.Generator().manual_seed(int(p["seed"]))
         guidance = float(p["guidance"]) if labels is not None else 1.0
         autocast = hardware.sampling_autocast(self.device)
-        images = generate(self.model, sampler, len(model_input), generator, labels, guidance, 128, self.device, autocast, desc="pyfunc")
+        images = generate(
+            self.model,
+            sampler,
+            len(model_input),
+            generator,
+            labels,
+            guidance,
+            128,
+            self.device,
+            autocast,
+            desc="pyfunc",
+        )
         return images[:, 0].numpy()
 
 
@@ -580,7 +625,9 @@ def _parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
     """models:/<name>/<version>, models:/<name>@<alias>, or models:/<model id> (a logged
     model) → (name or model id, version, alias)."""
     if not uri.startswith("models:/") or not uri.removeprefix("models:/").strip("/"):
-        raise RegistryError(f"{uri}: not a model URI; give models:/<name>/<version>, models:/<name>@<alias> or models:/<model id>")
+        raise RegistryError(
+            f"{uri}: not a model URI; give models:/<name>/<version>, models:/<name>@<alias> or models:/<model id>"
+        )
     rest = uri.removeprefix("models:/").strip("/")
     if "@" in rest:
         name, alias = rest.split("@", 1)
@@ -603,20 +650,30 @@ def checkpoint_from_model(root: Path, uri: str, kind: str, dest: Path) -> tuple[
     name, version, alias = _parse_model_uri(uri)
     try:
         if alias is not None or version is not None:
-            found = client.get_model_version_by_alias(name, alias) if alias is not None else client.get_model_version(name, version)
+            found = (
+                client.get_model_version_by_alias(name, alias)
+                if alias is not None
+                else client.get_model_version(name, version)
+            )
             # A SQL store keeps the link to the logged model only as the source models:/<id>.
-            model_id = found.model_id or (found.source.removeprefix("models:/") if found.source.startswith("models:/m-") else None)
+            model_id = found.model_id or (
+                found.source.removeprefix("models:/") if found.source.startswith("models:/m-") else None
+            )
         else:
             model_id = name
         if not model_id:
-            raise RegistryError(f"{uri}: this version has no logged model behind it; it was not registered by this project")
+            raise RegistryError(
+                f"{uri}: this version has no logged model behind it; it was not registered by this project"
+            )
         model = client.get_logged_model(model_id)
     except mlflow.exceptions.MlflowException as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RegistryError(f"{uri}: not found in {store} ({first})") from None
     found = model.tags.get(KIND_TAG)
     if model.model_type != MODEL_TYPE or found not in ("cond", "uncond"):
-        raise RegistryError(f"{uri}: not a ddpm-mnist model (model type {model.model_type!r}); give one of {registered_name('cond')} or {registered_name('uncond')}")
+        raise RegistryError(
+            f"{uri}: not a ddpm-mnist model (model type {model.model_type!r}); give one of {registered_name('cond')} or {registered_name('uncond')}"
+        )
     if found != kind:
         hint = "drop --unconditional" if found == "cond" else "add --unconditional (and drop --prompt)"
         raise RegistryError(f"{uri}: is the {'conditional' if found == 'cond' else 'unconditional'} model; {hint}")

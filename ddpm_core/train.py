@@ -13,9 +13,11 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ContextManager, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -23,12 +25,12 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from ddpm_core import hardware
-from ddpm_core.files import load_safe, save_atomic
 from ddpm_core.config import Params, TrainParams
 from ddpm_core.data import NUM_CLASSES, ImageSet, to_model_range
 from ddpm_core.diffusion import LossTerms, diffusion_loss_terms
 from ddpm_core.ema import make_ema
 from ddpm_core.errors import TrainingError
+from ddpm_core.files import load_safe, save_atomic
 from ddpm_core.samplers import make_sampler, sample
 from ddpm_core.schedule import NoiseSchedule, make_schedule
 from ddpm_core.seeding import restore_rng_state, rng_state, seed_everything
@@ -72,7 +74,9 @@ class Optimization:
     grad_clip: float
 
     @classmethod
-    def build(cls, model: torch.nn.Module, tp: TrainParams, total_steps: int, precision: str, device: torch.device) -> Optimization:
+    def build(
+        cls, model: torch.nn.Module, tp: TrainParams, total_steps: int, precision: str, device: torch.device
+    ) -> Optimization:
         optimizer = torch.optim.AdamW(model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
         return cls(
             model=model,
@@ -121,7 +125,7 @@ def train_step(
     x0: torch.Tensor,
     labels: torch.Tensor | None,
     generator: torch.Generator,
-    autocast: Callable[[], ContextManager],
+    autocast: Callable[[], AbstractContextManager],
     objective: Objective,
 ) -> StepStats:
     """One optimisation step on a batch; returns its loss terms and gradient norm.
@@ -129,7 +133,16 @@ def train_step(
     `objective` (from `Objective.of(params)`) is required so that no caller (the
     benchmark, say) trains a different objective from the pipeline's by leaving it out."""
     with autocast():
-        terms = diffusion_loss_terms(opt.model, schedule, x0, labels, generator, objective.prediction, objective.min_snr_gamma, objective.offset_noise)
+        terms = diffusion_loss_terms(
+            opt.model,
+            schedule,
+            x0,
+            labels,
+            generator,
+            objective.prediction,
+            objective.min_snr_gamma,
+            objective.offset_noise,
+        )
     opt.optimizer.zero_grad(set_to_none=True)
     opt.scaler.scale(terms.loss).backward()
     opt.scaler.unscale_(opt.optimizer)
@@ -148,7 +161,8 @@ class CurveMeter:
         self.width = math.ceil(timesteps / NOISE_BUCKETS)
         digits = len(str(timesteps - 1))
         self.names = [
-            f"eps_loss/t{lo:0{digits}d}-{min(lo + self.width, timesteps) - 1:0{digits}d}" for lo in range(0, timesteps, self.width)
+            f"eps_loss/t{lo:0{digits}d}-{min(lo + self.width, timesteps) - 1:0{digits}d}"
+            for lo in range(0, timesteps, self.width)
         ]
         self.device = device
         self._reset()
@@ -173,7 +187,9 @@ class CurveMeter:
         range no sample fell into is left out."""
         values = {"loss": (self.loss / self.images).item(), "grad_norm": (self.grad / max(1, self.steps)).item()}
         sums, counts = self.bucket_sum.tolist(), self.bucket_count.tolist()
-        values.update({name: total / count for name, total, count in zip(self.names, sums, counts) if count > 0})
+        values.update(
+            {name: total / count for name, total, count in zip(self.names, sums, counts, strict=True) if count > 0}
+        )
         self._reset()
         return values
 
@@ -201,14 +217,36 @@ def run_fingerprint(params: Params, conditional: bool) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def preview_grid(ema_model, params: Params, conditional: bool, device, autocast) -> np.ndarray:
+def preview_grid(
+    ema_model: torch.nn.Module,
+    params: Params,
+    conditional: bool,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager],
+) -> np.ndarray:
     """A fixed-noise sample grid: the same seed every epoch, so grids show progress."""
     schedule = make_schedule(params.diffusion.schedule, params.diffusion.timesteps)
-    sampler = make_sampler("ddim", schedule, params.train.preview_steps, 0.0, params.diffusion.prediction, offset_noise=params.diffusion.offset_noise)
+    sampler = make_sampler(
+        "ddim",
+        schedule,
+        params.train.preview_steps,
+        0.0,
+        params.diffusion.prediction,
+        offset_noise=params.diffusion.offset_noise,
+    )
     generator = torch.Generator().manual_seed(params.seed)
     if conditional:
         labels = torch.arange(NUM_CLASSES).repeat_interleave(PREVIEW_PER_CLASS)
-        images = sample(ema_model, sampler, (len(labels), 1, 28, 28), generator, labels, params.train.preview_guidance, device, autocast)
+        images = sample(
+            ema_model,
+            sampler,
+            (len(labels), 1, 28, 28),
+            generator,
+            labels,
+            params.train.preview_guidance,
+            device,
+            autocast,
+        )
         return image_grid(images, nrow=PREVIEW_PER_CLASS)
     images = sample(ema_model, sampler, (PREVIEW_UNCOND, 1, 28, 28), generator, device=device, autocast=autocast)
     return image_grid(images, nrow=int(math.sqrt(PREVIEW_UNCOND)))
@@ -256,16 +294,26 @@ def train_diffusion(
         if state.get("fingerprint") == fingerprint:
             opt.load_state_dict(state["optimization"])
             restore_rng_state(state["rng"], generator)
-            result.losses, result.images_per_s, result.epoch_seconds = state["losses"], state["images_per_s"], state["epoch_seconds"]
+            result.losses, result.images_per_s, result.epoch_seconds = (
+                state["losses"],
+                state["images_per_s"],
+                state["epoch_seconds"],
+            )
             result.curve = state["curve"]
             start_epoch = state["epoch"] + 1
             result.resumed_after_epoch = state["epoch"]
             print(f"{name}: resuming after epoch {state['epoch']} from {resume_path}", flush=True)
             if tracker is not None:
                 for row in result.curve:
-                    tracker.log_metrics({k: v for k, v in row.items() if k not in ("step", "epoch")}, step=int(row["step"]))
-                for epoch, (loss, rate, seconds) in enumerate(zip(result.losses, result.images_per_s, result.epoch_seconds), start=1):
-                    tracker.log_metrics({"epoch_loss": loss, "epoch_images_per_s": rate, "epoch_seconds": seconds}, step=epoch)
+                    tracker.log_metrics(
+                        {k: v for k, v in row.items() if k not in ("step", "epoch")}, step=int(row["step"])
+                    )
+                for epoch, (epoch_loss, rate, seconds) in enumerate(
+                    zip(result.losses, result.images_per_s, result.epoch_seconds, strict=True), start=1
+                ):
+                    tracker.log_metrics(
+                        {"epoch_loss": epoch_loss, "epoch_images_per_s": rate, "epoch_seconds": seconds}, step=epoch
+                    )
 
     images, labels = data.images, data.labels
     null_class = NUM_CLASSES
@@ -276,7 +324,13 @@ def train_diffusion(
         loss_sum = torch.zeros((), device=device)
         started = interval_started = time.perf_counter()
         preview_seconds = 0.0  # not training time: left out of images/s and epoch_seconds
-        bar = tqdm(range(steps_per_epoch), desc=f"{name} epoch {epoch}/{params.epochs}", unit="step", mininterval=1.0, dynamic_ncols=True)
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"{name} epoch {epoch}/{params.epochs}",
+            unit="step",
+            mininterval=1.0,
+            dynamic_ncols=True,
+        )
         for step in bar:
             global_step = (epoch - 1) * steps_per_epoch + step + 1
             idx = order[step * tp.batch_size : (step + 1) * tp.batch_size]
@@ -306,7 +360,7 @@ def train_diffusion(
                 now = time.perf_counter()
                 images_seen = meter.images.item()
                 point = meter.take()
-                point["lr"] = opt.scheduler.get_last_lr()[0]
+                point["lr"] = float(opt.scheduler.get_last_lr()[0])
                 point["images_per_s"] = images_seen / max(now - interval_started, 1e-9)
                 result.curve.append({"step": global_step, "epoch": epoch, **point})
                 if tracker is not None:
@@ -315,7 +369,9 @@ def train_diffusion(
             if tracker is not None and (global_step % tp.preview_every == 0 or global_step == total_steps):
                 preview_started = time.perf_counter()
                 opt.ema.module.eval()
-                tracker.log_image(preview_grid(opt.ema.module, params, conditional, device, autocast), key="samples", step=global_step)
+                tracker.log_image(
+                    preview_grid(opt.ema.module, params, conditional, device, autocast), key="samples", step=global_step
+                )
                 spent = time.perf_counter() - preview_started
                 preview_seconds += spent
                 interval_started += spent
@@ -327,7 +383,10 @@ def train_diffusion(
         result.images_per_s.append(len(data) / seconds)
         result.epoch_seconds.append(seconds)
         if tracker is not None:
-            tracker.log_metrics({"epoch_loss": mean_loss, "epoch_images_per_s": len(data) / seconds, "epoch_seconds": seconds}, step=epoch)
+            tracker.log_metrics(
+                {"epoch_loss": mean_loss, "epoch_images_per_s": len(data) / seconds, "epoch_seconds": seconds},
+                step=epoch,
+            )
 
         save_atomic(
             {
@@ -343,7 +402,10 @@ def train_diffusion(
             resume_path,
         )
         # Printed once the epoch is saved: from here on, an interruption resumes after it.
-        print(f"{name} epoch {epoch}: loss {mean_loss:.4f}, {len(data) / seconds:.0f} images/s, {seconds:.0f} s", flush=True)
+        print(
+            f"{name} epoch {epoch}: loss {mean_loss:.4f}, {len(data) / seconds:.0f} images/s, {seconds:.0f} s",
+            flush=True,
+        )
 
     result.ema_state_dict = {k: v.detach().cpu().clone() for k, v in opt.ema.module.state_dict().items()}
     return result

@@ -36,8 +36,8 @@ class ResBlock(nn.Module):
         self.norm2 = nn.GroupNorm(GROUPS, c_out)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
-        nn.init.zeros_(self.conv2.bias)
+        for p in self.conv2.parameters():  # zero weight and bias: each block starts as the identity
+            nn.init.zeros_(p)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -55,8 +55,8 @@ class SelfAttention(nn.Module):
         self.norm = nn.GroupNorm(GROUPS, channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        for p in self.proj.parameters():
+            nn.init.zeros_(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -114,11 +114,13 @@ class UNet(nn.Module):
                 width = c
             if level > 0:
                 width = channels[level - 1]
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, width, 3, padding=1)))
+                self.up.append(
+                    nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, width, 3, padding=1))
+                )
 
         self.out = nn.Sequential(nn.GroupNorm(GROUPS, width), nn.SiLU(), nn.Conv2d(width, image_channels, 3, padding=1))
-        nn.init.zeros_(self.out[-1].weight)
-        nn.init.zeros_(self.out[-1].bias)
+        for p in self.out[-1].parameters():
+            nn.init.zeros_(p)
 
     @property
     def null_class(self) -> int:
@@ -143,11 +145,8 @@ class UNet(nn.Module):
             else:
                 h = layer(h)
         h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
-        for layer in self.up:
-            if isinstance(layer, ResBlock):
-                h = layer(torch.cat([h, skips.pop()], dim=1), emb)
-            else:
-                h = layer(h)
+        for layer in self.up:  # a block takes its skip; an upsampling layer takes h alone
+            h = layer(torch.cat([h, skips.pop()], dim=1), emb) if isinstance(layer, ResBlock) else layer(h)
         return self.out(h)
 
 

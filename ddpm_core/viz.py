@@ -3,7 +3,8 @@ matplotlib figures (loss curves, per-class bars, grids side by side)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -30,7 +31,7 @@ def class_rows_grid(images: torch.Tensor, labels: torch.Tensor, per_row: int, nu
     return image_grid(torch.cat(rows), nrow=per_row)
 
 
-def _figure(width: float, height: float):
+def _figure(width: float, height: float) -> Figure:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,10 +47,12 @@ def loss_curves(curves: dict[str, pd.DataFrame]) -> Figure:
     ax = fig.add_subplot()
     for name, frame in curves.items():
         ax.plot(frame["step"], frame["loss"], lw=1, label=name, marker="o" if len(frame) < 3 else None)
-    ends = next(iter(curves.values())).groupby("epoch")["step"].max() if curves else []
-    for step in list(ends)[:-1]:
+    ends = list(next(iter(curves.values())).groupby("epoch")["step"].max()) if curves else []
+    for step in ends[:-1]:
         ax.axvline(step, color="grey", lw=0.8, ls=":")
-    ax.set(xlabel="optimizer step", ylabel="training loss (the objective, per sample)", title="Training loss", yscale="log")
+    ax.set(
+        xlabel="optimizer step", ylabel="training loss (the objective, per sample)", title="Training loss", yscale="log"
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     return fig
@@ -70,7 +73,9 @@ def per_class_bars(per_class: dict[str, float], title: str, ylabel: str, referen
     return fig
 
 
-def grid_figure(panels: dict[str, np.ndarray], row_labels: dict[str, Sequence[str]] | None = None, padding: int = 2) -> Figure:
+def grid_figure(
+    panels: dict[str, np.ndarray], row_labels: dict[str, Sequence[str]] | None = None, padding: int = 2
+) -> Figure:
     """Grids (uint8 arrays) side by side, each under its title; a panel named in
     `row_labels` gets one label per row of images on its left (its grid's `padding`)."""
     row_labels = row_labels or {}
@@ -97,10 +102,14 @@ def guidance_sweep_figure(rows: list[dict], fid_floor: float, num_samples: int) 
     weights = [r["guidance"] for r in rows]
     acc, fid = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     acc.plot(weights, [r["cond_accuracy"] for r in rows], marker="o")
-    acc.set(xlabel="guidance weight w", ylabel="conditional accuracy", ylim=(0, 1.02), title="Accuracy (evaluator agrees)")
+    acc.set(
+        xlabel="guidance weight w", ylabel="conditional accuracy", ylim=(0, 1.02), title="Accuracy (evaluator agrees)"
+    )
     fid.plot(weights, [r["fid"] for r in rows], marker="o", color="tab:orange")
     fid.axhline(fid_floor, color="tab:red", lw=1, ls="--", label=f"real-data floor ({fid_floor:.2f})")
-    fid.set(xlabel="guidance weight w", ylabel="FID (classifier features)", title=f"FID, {num_samples} samples per weight")
+    fid.set(
+        xlabel="guidance weight w", ylabel="FID (classifier features)", title=f"FID, {num_samples} samples per weight"
+    )
     fid.legend()
     for ax in (acc, fid):
         ax.grid(alpha=0.3)

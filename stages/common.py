@@ -13,9 +13,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Iterator
 
 import psutil
 import yaml
@@ -28,7 +28,6 @@ sys.path.insert(0, str(HERE.parent))
 from ddpm_core import environment, hardware, tracking  # noqa: E402
 from ddpm_core.config import Params, flatten, load_params  # noqa: E402
 from ddpm_core.errors import exit_on_error  # noqa: E402
-
 
 # fetch_data's output (dvc.yaml): the chosen dataset in torchvision's layout.
 DATA = Path("data/dataset")
@@ -112,7 +111,9 @@ def stage_run(stage: str, params: Params) -> Iterator[tracking.StageRun]:
     """The MLflow child run of this stage, under this execution's parent run."""
     pipeline_id, name = pipeline_identity()
     env = run_environment()
-    with tracking.stage_run(repo_root(), pipeline_id, name, stage, flatten(params), stage_keys(stage, params), env) as run:
+    with tracking.stage_run(
+        repo_root(), pipeline_id, name, stage, flatten(params), stage_keys(stage, params), env
+    ) as run:
         yield run
 
 

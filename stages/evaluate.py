@@ -19,24 +19,25 @@ import json
 from pathlib import Path
 
 import common
+from ddpm_core.config import Params
 from ddpm_core.data import dataset_record, load_images
 from ddpm_core.evaluation import FeatureFID, evaluate_guidance_sweep, evaluate_samples, load_classifier, sweep_rows
 from ddpm_core.files import write_text_atomic
-from ddpm_core.generation import load_samples, sweep_samples_path
+from ddpm_core.generation import load_labelled_samples, load_samples, sweep_samples_path
 from ddpm_core.pixels import pixel_metrics
 
 SAMPLES = Path("data/samples")
 
 
-def run(params):
+def run(params: Params) -> None:
     classifier = load_classifier(Path("models/evaluator.pt"), "vgg")
     judge_alt = load_classifier(Path("models/evaluator_alt.pt"), "residual")
     test = load_images(common.DATA, params.data.dataset, train=False)
     ep = params.evaluate
     real = load_images(common.DATA, params.data.dataset, train=True, subset=max(ep.num_samples, ep.sweep_samples))
     uncond, _ = load_samples(SAMPLES / "uncond.npz")
-    cond, cond_labels = load_samples(SAMPLES / "cond.npz")
-    sweep = {w: load_samples(sweep_samples_path(SAMPLES, w)) for w in ep.guidance_sweep}
+    cond, cond_labels = load_labelled_samples(SAMPLES / "cond.npz")
+    sweep = {w: load_labelled_samples(sweep_samples_path(SAMPLES, w)) for w in ep.guidance_sweep}
     with common.stage_run("evaluate", params) as run:
         run.log_dataset(**dataset_record(common.DATA, params.data.dataset, test, False, None), context="evaluation")
         fid, fid_alt = FeatureFID(classifier, test.images), FeatureFID(judge_alt, test.images)
@@ -44,14 +45,16 @@ def run(params):
             classifier, fid, real.images[: ep.num_samples],
             uncond, cond, cond_labels,
         )  # fmt: skip
-        metrics.update(evaluate_samples(judge_alt, fid_alt, real.images[: ep.num_samples], uncond, cond, cond_labels, judge="alt"))
+        metrics.update(
+            evaluate_samples(judge_alt, fid_alt, real.images[: ep.num_samples], uncond, cond, cond_labels, judge="alt")
+        )
         metrics.update(pixel_metrics(uncond, cond, test.images[: ep.num_samples]))
         if sweep:
             metrics["guidance_sweep"] = evaluate_guidance_sweep(classifier, fid, real.images, sweep, fid_alt)
         write_text_atomic(Path("reports/metrics.json"), json.dumps(metrics, indent=2) + "\n")
         # Each model's own numbers are linked to its logged model (its MLflow page lists
         # them); the rest, and all of them on the parent run, as plain run metrics.
-        linked = set()
+        linked: set[str] = set()
         for kind in ("uncond", "cond"):
             model_id = run.logged_model_of(Path("models") / f"{kind}.pt")
             if model_id is not None:

@@ -11,10 +11,11 @@ left under data/.
 import argparse
 
 import common
+from ddpm_core.config import Params
 from ddpm_core.data import DATASETS, fetch
 
 
-def run(params):
+def run(params: Params) -> None:
     dataset = params.data.dataset
     with common.stage_run("fetch_data", params) as run:
         raw, source = fetch(dataset, common.DATA, common.data_mirror())

@@ -16,18 +16,19 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
 
 import common
 from ddpm_core import hardware
 from ddpm_core.animation import denoising_gif
-from ddpm_core.config import flatten
+from ddpm_core.config import Params, flatten
 from ddpm_core.data import DATASETS, NUM_CLASSES, load_images, to_model_range
+from ddpm_core.evaluation import sweep_rows
 from ddpm_core.files import write_atomic, write_text_atomic
-from ddpm_core.generation import load_samples, load_unet, sampler_for
+from ddpm_core.generation import load_labelled_samples, load_samples, load_unet, sampler_for
 from ddpm_core.prompts import class_labels
 from ddpm_core.report import render_report
 from ddpm_core.seeding import derived_seed, seed_everything
-from ddpm_core.evaluation import sweep_rows
 from ddpm_core.viz import class_rows_grid, grid_figure, guidance_sweep_figure, image_grid, loss_curves, per_class_bars
 
 REPORTS = Path("reports")
@@ -37,13 +38,13 @@ ANIMATION = "denoising.gif"
 ANIMATION_COLUMNS = 4  # per digit: 40 images at the configured steps take seconds
 
 
-def save_figure(fig, path: Path) -> None:
+def save_figure(fig: Figure, path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     write_atomic(path, lambda f: f.write(buffer.getvalue()))
 
 
-def denoising_animation(params, path: Path) -> None:
+def denoising_animation(params: Params, path: Path) -> None:
     """The conditional model drawing ANIMATION_COLUMNS of each digit, one row per digit."""
     sp = params.sample
     seed_everything(params.seed)
@@ -56,14 +57,14 @@ def denoising_animation(params, path: Path) -> None:
     denoising_gif(path, model, sampler, labels, ANIMATION_COLUMNS, generator, sp.guidance, device, autocast)
 
 
-def run(params):
+def run(params: Params) -> None:
     with common.stage_run("plot", params) as run:
         metrics = json.loads((REPORTS / "metrics.json").read_text())
         evaluator = json.loads((REPORTS / "evaluator.json").read_text())
         training = {name: json.loads((REPORTS / f"train_{kind}.json").read_text()) for name, kind in MODELS.items()}
         curves = {name: pd.read_csv(REPORTS / f"loss_{kind}.csv") for name, kind in MODELS.items()}
         uncond, _ = load_samples(Path("data/samples/uncond.npz"))
-        cond, labels = load_samples(Path("data/samples/cond.npz"))
+        cond, labels = load_labelled_samples(Path("data/samples/cond.npz"))
         real = load_images(common.DATA, params.data.dataset, train=False)
         per_row = min(10, len(labels) // 10)
         names = class_labels(params.data.dataset)  # digits for MNIST, "sneaker", "bag", … for Fashion-MNIST
@@ -79,11 +80,15 @@ def run(params):
             "Training loss": ("loss.png", loss_curves(curves)),
             "Generated samples": (
                 "samples.png",
-                grid_figure({"unconditional": uncond_grid, "conditional": cond_grid}, row_labels={"conditional": names}),
+                grid_figure(
+                    {"unconditional": uncond_grid, "conditional": cond_grid}, row_labels={"conditional": names}
+                ),
             ),
             "Real and generated digits": (
                 "real_vs_generated.png",
-                grid_figure({real_title: real_grid, "generated": cond_grid}, row_labels={real_title: names, "generated": names}),
+                grid_figure(
+                    {real_title: real_grid, "generated": cond_grid}, row_labels={real_title: names, "generated": names}
+                ),
             ),
             "Conditional accuracy per class": (
                 "per_class_accuracy.png",
@@ -91,24 +96,39 @@ def run(params):
             ),
             "Unconditional samples: predicted class fractions": (
                 "class_fractions.png",
-                per_class_bars(named(metrics["uncond_class_fractions"]), "Unconditional samples by predicted class", "fraction", reference=0.1),
+                per_class_bars(
+                    named(metrics["uncond_class_fractions"]),
+                    "Unconditional samples by predicted class",
+                    "fraction",
+                    reference=0.1,
+                ),
             ),
         }
         sweep = sweep_rows(metrics)
         if sweep:
             floor, n = metrics["guidance_sweep"]["fid_floor"], metrics["guidance_sweep"]["num_samples"]
             figures["Guidance sweep: conditional accuracy and FID against the guidance weight"] = (
-                "guidance_sweep.png", guidance_sweep_figure(sweep, floor, n)
+                "guidance_sweep.png",
+                guidance_sweep_figure(sweep, floor, n),
             )
         for _, (name, fig) in figures.items():
             save_figure(fig, FIGURES / name)
         denoising_animation(params, FIGURES / ANIMATION)
         images = {caption: name for caption, (name, _) in figures.items()}
         images["Denoising: the conditional model from noise to digits (row = digit)"] = ANIMATION
-        rows = [(names[int(c)], metrics["cond_accuracy_per_class"][c], metrics["uncond_class_fractions"][c]) for c in metrics["cond_accuracy_per_class"]]
-        write_text_atomic(REPORTS / "per_class.csv", pd.DataFrame(rows, columns=["class", "accuracy", "uncond_fraction"]).to_csv(index=False))
+        rows = [
+            (names[int(c)], metrics["cond_accuracy_per_class"][c], metrics["uncond_class_fractions"][c])
+            for c in metrics["cond_accuracy_per_class"]
+        ]
+        write_text_atomic(
+            REPORTS / "per_class.csv",
+            pd.DataFrame(rows, columns=["class", "accuracy", "uncond_fraction"]).to_csv(index=False),
+        )
         # An empty sweep still writes the header: the file is a DVC output.
-        write_text_atomic(REPORTS / "guidance_sweep.csv", pd.DataFrame(sweep, columns=["guidance", "cond_accuracy", "fid"]).to_csv(index=False))
+        write_text_atomic(
+            REPORTS / "guidance_sweep.csv",
+            pd.DataFrame(sweep, columns=["guidance", "cond_accuracy", "fid"]).to_csv(index=False),
+        )
 
         environment = common.run_environment()
         report = render_report(

@@ -19,6 +19,7 @@ from PIL import Image
 
 import common
 from ddpm_core import hardware
+from ddpm_core.config import Params
 from ddpm_core.files import write_atomic
 from ddpm_core.generation import balanced_labels, generate, load_unet, sampler_for, save_samples, sweep_samples_path
 from ddpm_core.seeding import derived_seed, seed_everything
@@ -31,7 +32,7 @@ def save_png(path: Path, grid: np.ndarray) -> None:
     write_atomic(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
 
 
-def run(params):
+def run(params: Params) -> None:
     sp = params.sample
     seed_everything(params.seed)
     device = hardware.pick_device()
@@ -51,7 +52,7 @@ def run(params):
                 sp.guidance if conditional else 1.0, sp.batch_size, device, autocast, desc=f"sample {kind}",
             )  # fmt: skip
             rates[kind] = n / (time.perf_counter() - started)
-            if conditional:
+            if labels is not None:  # conditional
                 save_samples(OUT / "cond.npz", images, labels)
                 grid = class_rows_grid(images, labels, per_row=min(10, n // 10))
             else:

@@ -19,25 +19,31 @@ import sys
 from pathlib import Path
 
 import common
+from ddpm_core.config import Params
 from ddpm_core.data import dataset_record, load_images
 from ddpm_core.files import save_atomic, write_text_atomic
 from ddpm_core.tracking import registered_name
 from ddpm_core.train import CURVE_COLUMNS, run_fingerprint, train_diffusion
 
 
-def run(params, kind: str):
+def run(params: Params, kind: str) -> None:
     stage = f"train_{kind}"
     conditional = kind == "cond"
     data = load_images(common.DATA, params.data.dataset, train=True, subset=params.data.train_subset)
     resume_path = common.resume_dir() / f"{stage}-{run_fingerprint(params, conditional)}.pt"
     with common.stage_run(stage, params) as run:
         run.check_registry(kind)  # a registry name clash stops us before training, not after
-        run.log_dataset(**dataset_record(common.DATA, params.data.dataset, data, True, params.data.train_subset), context="training")
+        run.log_dataset(
+            **dataset_record(common.DATA, params.data.dataset, data, True, params.data.train_subset), context="training"
+        )
         try:
             result = train_diffusion(data, params, conditional, resume_path, tracker=run, name=stage)
         except KeyboardInterrupt:
             if resume_path.exists():
-                print(f"{stage}: stopped; `dvc repro` resumes from the last completed epoch, saved in {resume_path}", file=sys.stderr)
+                print(
+                    f"{stage}: stopped; `dvc repro` resumes from the last completed epoch, saved in {resume_path}",
+                    file=sys.stderr,
+                )
             raise
         weights = Path("models") / f"{kind}.pt"
         save_atomic(result.ema_state_dict, weights)
@@ -50,10 +56,20 @@ def run(params, kind: str):
         }
         write_text_atomic(Path("reports") / f"train_{kind}.json", json.dumps(summary, indent=2) + "\n")
         # "images_per_s" is a curve; the run's mean gets its own key.
-        run.log_metrics({"final_loss": summary["final_loss"], "train_seconds": summary["train_seconds"], "mean_images_per_s": summary["images_per_s"]})
-        run.set_tags({"precision": result.precision, "device": result.device, "resumed_after_epoch": result.resumed_after_epoch})
+        run.log_metrics(
+            {
+                "final_loss": summary["final_loss"],
+                "train_seconds": summary["train_seconds"],
+                "mean_images_per_s": summary["images_per_s"],
+            }
+        )
+        run.set_tags(
+            {"precision": result.precision, "device": result.device, "resumed_after_epoch": result.resumed_after_epoch}
+        )
         run.log_artifact(weights, "checkpoint")
-        model_id, version = run.log_model(kind, weights, common.stage_keys(stage, params), common.model_version_tags(params))
+        model_id, version = run.log_model(
+            kind, weights, common.stage_keys(stage, params), common.model_version_tags(params)
+        )
         print(f"{stage}: logged model {model_id}, registered as models:/{registered_name(kind)}/{version}", flush=True)
     resume_path.unlink(missing_ok=True)
 

@@ -14,22 +14,25 @@ from pathlib import Path
 
 import common
 from ddpm_core import hardware
+from ddpm_core.config import Params
 from ddpm_core.data import dataset_record, load_images
 from ddpm_core.evaluation import accuracy, predict, train_classifier
 from ddpm_core.files import save_atomic, write_text_atomic
 
 
-def run(params):
+def run(params: Params) -> None:
     device = hardware.pick_device()
     test = load_images(common.DATA, params.data.dataset, train=False)
-    summary = {}
+    summary: dict[str, object] = {}
     with common.stage_run("train_evaluator", params) as run:
         for architecture, ep, out, key in (
             ("vgg", params.evaluator, Path("models/evaluator.pt"), "test_accuracy"),
             ("residual", params.evaluator_alt, Path("models/evaluator_alt.pt"), "alt_test_accuracy"),
         ):
             train = load_images(common.DATA, params.data.dataset, train=True, subset=ep.train_subset)
-            run.log_dataset(**dataset_record(common.DATA, params.data.dataset, train, True, ep.train_subset), context="training")
+            run.log_dataset(
+                **dataset_record(common.DATA, params.data.dataset, train, True, ep.train_subset), context="training"
+            )
             classifier = train_classifier(train, ep.epochs, ep.batch_size, ep.lr, ep.seed, device, architecture)
             test_accuracy, per_class = accuracy(predict(classifier, test.images), test.labels)
             save_atomic({k: v.cpu() for k, v in classifier.state_dict().items()}, out)

@@ -69,7 +69,20 @@ def clone_project(clone: Path) -> Path:
     shutil.copytree(
         ROOT,
         clone,
-        ignore=shutil.ignore_patterns(".git", ".venv", "cache", "data", "models", "mlflow.db*", "mlartifacts", ".ddpm", "__pycache__", "*.egg-info", ".pytest_cache", "tmp"),
+        ignore=shutil.ignore_patterns(
+            ".git",
+            ".venv",
+            "cache",
+            "data",
+            "models",
+            "mlflow.db*",
+            "mlartifacts",
+            ".ddpm",
+            "__pycache__",
+            "*.egg-info",
+            ".pytest_cache",
+            "tmp",
+        ),
     )
     for sub in ("data", "models"):
         (clone / sub).mkdir(exist_ok=True)
@@ -87,7 +100,9 @@ def project_clone(tmp_path) -> Path:
 
 def commit_all(project: Path, message: str) -> None:
     subprocess.run(["git", "add", "-A"], cwd=project, check=True)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], cwd=project, check=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], cwd=project, check=True
+    )
 
 
 def clean_env() -> dict[str, str]:

@@ -9,7 +9,15 @@ from ddpm_core.errors import ConfigError
 def test_params_yaml_of_the_repo_is_valid_and_has_the_public_keys():
     params = load_params(ROOT / "params.yaml")
     flat = flatten(params)
-    for key in ("seed", "epochs", "data.train_subset", "sample.sampler", "sample.steps", "sample.guidance", "evaluate.num_samples"):
+    for key in (
+        "seed",
+        "epochs",
+        "data.train_subset",
+        "sample.sampler",
+        "sample.steps",
+        "sample.guidance",
+        "evaluate.num_samples",
+    ):
         assert key in flat
 
 
@@ -48,7 +56,9 @@ def test_unknown_nested_key():
 
 
 def test_unknown_sampler_and_schedule_list_the_choices():
-    assert "sample.sampler = 'euler': Input should be 'ddpm', 'ddim' or 'dpmpp2m'" in error_of(sample={"sampler": "euler"})
+    assert "sample.sampler = 'euler': Input should be 'ddpm', 'ddim' or 'dpmpp2m'" in error_of(
+        sample={"sampler": "euler"}
+    )
     assert "'linear' or 'cosine'" in error_of(diffusion={"schedule": "sigmoid"})
 
 

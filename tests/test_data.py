@@ -13,7 +13,9 @@ pytestmark = pytest.mark.skipif(not MIRROR.is_dir(), reason=f"no MNIST mirror at
 
 
 def test_md5s_in_code_match_the_mirror_list():
-    listed = dict(reversed(line.split()) for line in (MIRROR / "MD5SUMS.uncompressed").read_text().splitlines() if line.strip())
+    listed = dict(
+        reversed(line.split()) for line in (MIRROR / "MD5SUMS.uncompressed").read_text().splitlines() if line.strip()
+    )
     assert listed == MNIST_MD5
 
 
@@ -79,7 +81,10 @@ def test_wrong_content_is_named(bad_mirror, tmp_path):
     content = bytearray(gzip.decompress(path.read_bytes()))
     content[100] ^= 1
     path.write_bytes(gzip.compress(bytes(content)))
-    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte.gz: MD5 of the uncompressed content is [0-9a-f]{32}, expected 27ae3e4e"):
+    with pytest.raises(
+        DataError,
+        match=r"t10k-labels-idx1-ubyte.gz: MD5 of the uncompressed content is [0-9a-f]{32}, expected 27ae3e4e",
+    ):
         fetch("mnist", tmp_path / "data", bad_mirror)
     assert_nothing_left(tmp_path / "data")
 

@@ -1,7 +1,16 @@
 import torch
 from torch import nn
 
-from ddpm_core.diffusion import diffusion_loss, diffusion_loss_terms, draw_noise, min_snr_weights, predicted_x0, q_sample, v_target, x0_and_eps
+from ddpm_core.diffusion import (
+    diffusion_loss,
+    diffusion_loss_terms,
+    draw_noise,
+    min_snr_weights,
+    predicted_x0,
+    q_sample,
+    v_target,
+    x0_and_eps,
+)
 from ddpm_core.schedule import make_schedule
 
 
@@ -30,7 +39,10 @@ def test_offset_noise_has_its_closed_form_covariance():
     other_image = (flat[:-1, 0, 0] * flat[1:, 0, 0]).mean().item()
     assert abs(same_channel - c**2) < 0.02 and abs(other_channel) < 0.02 and abs(other_image) < 0.02
     # Offset 0 draws exactly what torch.randn draws, so runs without it keep their bytes.
-    assert torch.equal(draw_noise((4, 1, 5, 5), torch.Generator().manual_seed(3), 0.0), torch.randn(4, 1, 5, 5, generator=torch.Generator().manual_seed(3)))
+    assert torch.equal(
+        draw_noise((4, 1, 5, 5), torch.Generator().manual_seed(3), 0.0),
+        torch.randn(4, 1, 5, 5, generator=torch.Generator().manual_seed(3)),
+    )
 
 
 def test_each_sample_gets_its_own_timestep():
@@ -93,7 +105,9 @@ def test_min_snr_loss_of_a_zero_predictor_is_the_mean_weight():
     # ‖ε − 0‖² has mean 1 at every t, so the weighted loss is E_t[w_t] over uniform t.
     schedule = make_schedule("cosine", 1000)
     zero = lambda xt, t, labels: torch.zeros_like(xt)  # noqa: E731
-    loss = diffusion_loss(zero, schedule, torch.zeros(4096, 1, 8, 8), None, torch.Generator().manual_seed(0), "eps", min_snr_gamma=5.0)
+    loss = diffusion_loss(
+        zero, schedule, torch.zeros(4096, 1, 8, 8), None, torch.Generator().manual_seed(0), "eps", min_snr_gamma=5.0
+    )
     expected = min_snr_weights(schedule, torch.arange(1000), gamma=5.0).mean().item()
     assert abs(loss.item() - expected) < 0.02
 
@@ -134,7 +148,6 @@ def test_min_snr_weights_for_v_are_capped_snr_over_snr_plus_one():
     assert torch.allclose(weights.double() * (snr + 1), eps_weights.double() * snr, rtol=1e-5)
 
 
-
 def test_eps_loss_terms_of_an_eps_model_are_its_unweighted_loss():
     schedule = make_schedule("linear", 1000)
     zero = lambda xt, t, labels: torch.zeros_like(xt)  # noqa: E731
@@ -147,7 +160,9 @@ def test_eps_loss_terms_of_a_v_model_are_zero_for_the_exact_v_and_alpha_bar_squa
     # v̂ = 0 at x_0 = 0: ε̂ = σ x_t = σ² ε, so ‖ε − ε̂‖² = (1 − σ²)² ‖ε‖² = ᾱ² ‖ε‖² per sample.
     schedule = make_schedule("linear", 1000)
     zero = lambda xt, t, labels: torch.zeros_like(xt)  # noqa: E731
-    terms = diffusion_loss_terms(zero, schedule, torch.zeros(32, 1, 64, 64), None, torch.Generator().manual_seed(0), "v")
+    terms = diffusion_loss_terms(
+        zero, schedule, torch.zeros(32, 1, 64, 64), None, torch.Generator().manual_seed(0), "v"
+    )
     expected = schedule.alpha_bars[terms.index].float() ** 2
     assert torch.allclose(terms.eps_mse, expected, rtol=0.06, atol=1e-4)
 
@@ -158,5 +173,7 @@ def test_eps_loss_terms_of_a_v_model_are_zero_for_the_exact_v_and_alpha_bar_squa
             return ab.sqrt() * eps - (1 - ab).sqrt() * 0.3
 
     x0 = torch.full((32, 1, 8, 8), 0.3)
-    exact = diffusion_loss_terms(OracleV(), schedule, x0, None, torch.Generator().manual_seed(1), "v", min_snr_gamma=5.0)
+    exact = diffusion_loss_terms(
+        OracleV(), schedule, x0, None, torch.Generator().manual_seed(1), "v", min_snr_gamma=5.0
+    )
     assert exact.eps_mse.max().item() < 1e-6 and exact.loss.item() < 1e-6

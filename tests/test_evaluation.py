@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 
@@ -37,8 +39,10 @@ def test_fid_grows_monotonically_with_noise(classifier):
     other = real_like(500, 1)
     g = torch.Generator().manual_seed(2)
     noise = torch.randn(other.shape, generator=g)
-    scores = [fid.score((other.float() + sigma * noise).clamp(0, 255).to(torch.uint8)) for sigma in (0, 20, 40, 80, 160)]
-    assert all(a < b for a, b in zip(scores, scores[1:])), scores
+    scores = [
+        fid.score((other.float() + sigma * noise).clamp(0, 255).to(torch.uint8)) for sigma in (0, 20, 40, 80, 160)
+    ]
+    assert all(a < b for a, b in itertools.pairwise(scores)), scores
     assert scores[0] < 0.2 * scores[-1]
 
 
@@ -86,7 +90,9 @@ def test_guidance_sweep_scores_each_weight_beside_the_floor_for_its_size(classif
     predicted = predict(classifier, images)
     noise = torch.randint(0, 256, (40, 1, 28, 28), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
     # Labels the evaluator agrees with at w=0, and never at w=2.5.
-    sweep = evaluate_guidance_sweep(classifier, fid, train, {0.0: (images, predicted), 2.5: (noise, (predict(classifier, noise) + 1) % 10)})
+    sweep = evaluate_guidance_sweep(
+        classifier, fid, train, {0.0: (images, predicted), 2.5: (noise, (predict(classifier, noise) + 1) % 10)}
+    )
     assert set(sweep) == {"num_samples", "fid_floor", "w0", "w2.5"}
     assert sweep["num_samples"] == 40
     assert sweep["fid_floor"] == pytest.approx(fid.score(train[:40]))

@@ -18,8 +18,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import MIRROR, ROOT, run, tiny_raw
 from ddpm_core import data
-from ddpm_core.config import parse_params
 from ddpm_core.cli import main as ddpm_main
+from ddpm_core.config import parse_params
 from ddpm_core.data import DATASETS, FASHION_MNIST_MD5, fetch, load_images, raw_folder
 from ddpm_core.errors import ConfigError, DataError
 from ddpm_core.prompts import CLASS_NAMES
@@ -53,7 +53,11 @@ def no_download(monkeypatch):
     for key, spec in DATASETS.items():
         # A subclass of the same name: the folder under the root stays torchvision's.
         cls = spec.torchvision_class
-        monkeypatch.setitem(DATASETS, key, dataclasses.replace(spec, torchvision_class=type(cls.__name__, (cls,), {"__init__": offline})))
+        monkeypatch.setitem(
+            DATASETS,
+            key,
+            dataclasses.replace(spec, torchvision_class=type(cls.__name__, (cls,), {"__init__": offline})),
+        )
 
 
 # --- checksums and sources ------------------------------------------------------------
@@ -83,14 +87,20 @@ def test_fashion_mnist_loads_with_its_labels(fashion_root):
 def test_a_mirror_of_the_other_dataset_is_skipped_with_one_line(tmp_path, capsys):
     raw, source = fetch("fashion-mnist", tmp_path / "data", MIRROR)
     assert source == str(DEBIAN) and raw == tmp_path / "data" / "FashionMNIST" / "raw"
-    assert capsys.readouterr().out == f"note: DDPM_DATA_MIRROR {MIRROR} holds MNIST, not Fashion-MNIST; trying the next source\n"
+    assert (
+        capsys.readouterr().out
+        == f"note: DDPM_DATA_MIRROR {MIRROR} holds MNIST, not Fashion-MNIST; trying the next source\n"
+    )
 
 
 @needs_debian
 def test_an_mnist_fetch_skips_a_fashion_mirror_then_reports_the_failed_download(tmp_path, capsys, no_download):
     with pytest.raises(DataError) as info:
         fetch("mnist", tmp_path / "data", DEBIAN)
-    assert capsys.readouterr().out == f"note: DDPM_DATA_MIRROR {DEBIAN} holds Fashion-MNIST, not MNIST; trying the next source\n"
+    assert (
+        capsys.readouterr().out
+        == f"note: DDPM_DATA_MIRROR {DEBIAN} holds Fashion-MNIST, not MNIST; trying the next source\n"
+    )
     assert str(info.value) == (
         "MNIST: the torchvision download failed (Error downloading train-images-idx3-ubyte.gz); "
         "set DDPM_DATA_MIRROR to a folder holding the four .gz files"
@@ -101,7 +111,10 @@ def test_an_mnist_fetch_skips_a_fashion_mirror_then_reports_the_failed_download(
 def test_without_the_debian_folder_fashion_mnist_is_downloaded(tmp_path, monkeypatch, no_download):
     spec = DATASETS["fashion-mnist"]
     monkeypatch.setitem(DATASETS, "fashion-mnist", dataclasses.replace(spec, system_folder=tmp_path / "absent"))
-    with pytest.raises(DataError, match=rf"^Fashion-MNIST: the torchvision download failed .*or install them into {tmp_path / 'absent'}$"):
+    with pytest.raises(
+        DataError,
+        match=rf"^Fashion-MNIST: the torchvision download failed .*or install them into {tmp_path / 'absent'}$",
+    ):
         fetch("fashion-mnist", tmp_path / "data")
 
 
@@ -117,7 +130,9 @@ def test_a_corrupted_fashion_file_is_named(fashion_mirror, tmp_path):
     content = bytearray(gzip.decompress(path.read_bytes()))
     content[100] ^= 1
     path.write_bytes(gzip.compress(bytes(content)))
-    with pytest.raises(DataError, match=rf"^{path}: MD5 of the uncompressed content is [0-9a-f]{{32}}, expected 15d48437"):
+    with pytest.raises(
+        DataError, match=rf"^{path}: MD5 of the uncompressed content is [0-9a-f]{{32}}, expected 15d48437"
+    ):
         fetch("fashion-mnist", tmp_path / "data", fashion_mirror)
     assert not (tmp_path / "data").exists()
 
@@ -125,7 +140,9 @@ def test_a_corrupted_fashion_file_is_named(fashion_mirror, tmp_path):
 def test_a_first_file_of_neither_dataset_is_an_error_not_a_skip(fashion_mirror, tmp_path):
     path = fashion_mirror / "train-images-idx3-ubyte.gz"
     path.write_bytes(gzip.compress(b"not images"))
-    with pytest.raises(DataError, match=rf"^{path}: MD5 of the uncompressed content is [0-9a-f]{{32}}, expected f4a8712d"):
+    with pytest.raises(
+        DataError, match=rf"^{path}: MD5 of the uncompressed content is [0-9a-f]{{32}}, expected f4a8712d"
+    ):
         fetch("fashion-mnist", tmp_path / "data", fashion_mirror)
 
 
@@ -177,7 +194,9 @@ def test_generate_help_lists_the_fashion_words(fashion_project, capsys):
 
 def test_params_take_fashion_mnist_and_list_the_datasets():
     assert parse_params(tiny_raw(data={"dataset": "fashion-mnist"})).data.dataset == "fashion-mnist"
-    with pytest.raises(ConfigError, match=r"^params.yaml: data.dataset = 'fashion': Input should be 'mnist' or 'fashion-mnist'$"):
+    with pytest.raises(
+        ConfigError, match=r"^params.yaml: data.dataset = 'fashion': Input should be 'mnist' or 'fashion-mnist'$"
+    ):
         parse_params(tiny_raw(data={"dataset": "fashion"}))
 
 
@@ -202,12 +221,19 @@ def test_dvc_exp_run_on_fashion_mnist_lands_in_mlflow_as_its_own_run(tiny_pipeli
 
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
     experiment = client.get_experiment_by_name(EXPERIMENT)
-    (parent,) = client.search_runs([experiment.experiment_id], "tags.`ddpm.role` = 'pipeline' AND attributes.run_name = 'fashion'")
+    (parent,) = client.search_runs(
+        [experiment.experiment_id], "tags.`ddpm.role` = 'pipeline' AND attributes.run_name = 'fashion'"
+    )
     assert parent.info.status == "FINISHED"
     assert parent.data.params["data.dataset"] == "fashion-mnist"
     assert {"fid_cond", "fid_uncond", "fid_floor", "cond_accuracy"} <= set(parent.data.metrics)
-    stages = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
-    assert sorted(stages) == sorted(["fetch_data", "train_uncond", "train_cond", "train_evaluator", "sample", "evaluate", "plot"])
+    stages = {
+        r.info.run_name: r
+        for r in client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    }
+    assert sorted(stages) == sorted(
+        ["fetch_data", "train_uncond", "train_cond", "train_evaluator", "sample", "evaluate", "plot"]
+    )
     assert all(r.info.status == "FINISHED" for r in stages.values())
     assert stages["fetch_data"].data.tags["data.source"] == str(DEBIAN)
     assert stages["train_cond"].data.params["data.dataset"] == "fashion-mnist"  # what `ddpm generate --run-id` reads

@@ -107,10 +107,11 @@ def test_disk_full_is_an_error_naming_the_file_and_leaves_nothing(tmp_path):
 def test_read_only_data_folder(tmp_path, data_exists):
     read_only = tmp_path / "data" if data_exists else tmp_path
     read_only.mkdir(exist_ok=True)
-    with mounted(["--bind", "-o", "ro", str(read_only)], read_only):
-        with pytest.raises(DataError) as error:
-            fetch("mnist", tmp_path / "data", MIRROR)
-    assert str(error.value) == f"{tmp_path / 'data'}: cannot write the dataset (Read-only file system); nothing was kept"
+    with mounted(["--bind", "-o", "ro", str(read_only)], read_only), pytest.raises(DataError) as error:
+        fetch("mnist", tmp_path / "data", MIRROR)
+    assert (
+        str(error.value) == f"{tmp_path / 'data'}: cannot write the dataset (Read-only file system); nothing was kept"
+    )
     assert list((tmp_path / "data").iterdir()) == [] if data_exists else not (tmp_path / "data").exists()
 
 
@@ -152,9 +153,11 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(m
 def test_unreachable_tracking_server_is_reported_at_once(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     started = time.monotonic()
-    with pytest.raises(TrackingError, match=r"MLflow server http://127.0.0.1:9 \(MLFLOW_TRACKING_URI\) is unreachable"):
-        with tracking.stage_run(tmp_path, "p", "p", "train_uncond", {}, {}):
-            pytest.fail("the stage body must not run")
+    with (
+        pytest.raises(TrackingError, match=r"MLflow server http://127.0.0.1:9 \(MLFLOW_TRACKING_URI\) is unreachable"),
+        tracking.stage_run(tmp_path, "p", "p", "train_uncond", {}, {}),
+    ):
+        pytest.fail("the stage body must not run")
     assert time.monotonic() - started < 15
 
 
@@ -173,7 +176,9 @@ def test_a_locked_sqlite_store_is_waited_for(tmp_path, monkeypatch):
         release.join()
         holder.close()
     client = tracking.MlflowClient(tracking.tracking_uri(tmp_path))
-    (child,) = client.search_runs([client.get_experiment_by_name(tracking.EXPERIMENT).experiment_id], "tags.`ddpm.stage` = 'train_uncond'")
+    (child,) = client.search_runs(
+        [client.get_experiment_by_name(tracking.EXPERIMENT).experiment_id], "tags.`ddpm.stage` = 'train_uncond'"
+    )
     assert child.data.metrics["loss"] == 0.5
 
 
@@ -183,7 +188,9 @@ def test_a_locked_sqlite_store_is_waited_for(tmp_path, monkeypatch):
 def run_stage(clone, script, *args, env=None):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, f"stages/{script}.py", *args], cwd=clone, env=full_env, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, f"stages/{script}.py", *args], cwd=clone, env=full_env, capture_output=True, text=True
+    )
 
 
 @pytest.mark.parametrize(
@@ -191,13 +198,28 @@ def run_stage(clone, script, *args, env=None):
     [
         ({"epochs": "ten"}, "error: params.yaml: epochs = 'ten': Input should be a valid integer"),
         ({"epochs": 0}, "error: params.yaml: epochs = 0: Input should be greater than or equal to 1"),
-        ({"sample": {"steps": -5}}, "error: params.yaml: sample.steps = -5: Input should be greater than or equal to 1"),
-        ({"sample": {"guidance": -1.0}}, "error: params.yaml: sample.guidance = -1.0: Input should be greater than or equal to 0"),
-        ({"data": {"train_subset": 70000}}, "error: params.yaml: data.train_subset = 70000: Input should be less than or equal to 60000"),
+        (
+            {"sample": {"steps": -5}},
+            "error: params.yaml: sample.steps = -5: Input should be greater than or equal to 1",
+        ),
+        (
+            {"sample": {"guidance": -1.0}},
+            "error: params.yaml: sample.guidance = -1.0: Input should be greater than or equal to 0",
+        ),
+        (
+            {"data": {"train_subset": 70000}},
+            "error: params.yaml: data.train_subset = 70000: Input should be less than or equal to 60000",
+        ),
         ({"epoch": 3}, "error: params.yaml: unknown key 'epoch' (did you mean 'epochs'?)"),
         ({"sampler": {"steps": 3}}, "error: params.yaml: unknown key 'sampler' (did you mean 'sample'?)"),
-        ({"sample": {"sampler": "euler"}}, "error: params.yaml: sample.sampler = 'euler': Input should be 'ddpm', 'ddim' or 'dpmpp2m'"),
-        ({"diffusion": {"schedule": "sigmoid"}}, "error: params.yaml: diffusion.schedule = 'sigmoid': Input should be 'linear' or 'cosine'"),
+        (
+            {"sample": {"sampler": "euler"}},
+            "error: params.yaml: sample.sampler = 'euler': Input should be 'ddpm', 'ddim' or 'dpmpp2m'",
+        ),
+        (
+            {"diffusion": {"schedule": "sigmoid"}},
+            "error: params.yaml: diffusion.schedule = 'sigmoid': Input should be 'linear' or 'cosine'",
+        ),
     ],
 )
 def test_bad_params_stop_a_stage_before_any_work(project_clone, change, message):
@@ -254,7 +276,7 @@ def test_unwritable_models_folder_stops_a_stage_naming_the_file(tmp_path, monkey
     read_only = "--bind" in mount
     if read_only:
         (models / "uncond.pt").write_bytes(b"previous")
-    with mounted(mount + [str(models)] if read_only else mount, models):
+    with mounted([*mount, str(models)] if read_only else mount, models):
         if not read_only:
             (models / "uncond.pt").write_bytes(b"previous")
         with pytest.raises(SystemExit) as exit_info:
@@ -269,7 +291,13 @@ def test_unwritable_models_folder_stops_a_stage_naming_the_file(tmp_path, monkey
 def test_dvc_exp_run_refuses_a_mistyped_key(project_clone, key):
     before = (project_clone / "params.yaml").read_bytes()
     env = clean_env()
-    done = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-S", f"{key}=3"], cwd=project_clone, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "run", "-S", f"{key}=3"],
+        cwd=project_clone,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode != 0
     assert f"ERROR: Invalid `--set-param` value: Could not override '{key}'." in done.stderr
     assert (project_clone / "params.yaml").read_bytes() == before
@@ -279,7 +307,13 @@ def test_dvc_exp_run_refuses_a_mistyped_key(project_clone, key):
 def test_dvc_exp_run_with_a_new_mistyped_key_reaches_the_schema(project_clone):
     # `-S +epoch=3` adds a key DVC doesn't know; only the check_params stage reads the whole file.
     env = clean_env()
-    done = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-S", "+epoch=3", "check_params"], cwd=project_clone, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "run", "-S", "+epoch=3", "check_params"],
+        cwd=project_clone,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode != 0
     assert "error: params.yaml: unknown key 'epoch' (did you mean 'epochs'?)" in done.stderr
     assert not (project_clone / "mlflow.db").exists()
@@ -288,7 +322,11 @@ def test_dvc_exp_run_with_a_new_mistyped_key_reaches_the_schema(project_clone):
 def test_mlflow_ui_instructions_bind_to_localhost():
     from conftest import ROOT
 
-    commands = [line.strip() for line in (ROOT / "README.md").read_text().splitlines() if line.strip().startswith(("mlflow ui", "mlflow server"))]
+    commands = [
+        line.strip()
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if line.strip().startswith(("mlflow ui", "mlflow server"))
+    ]
     assert commands, "the README should say how to open the MLflow UI"
     for command in commands:
         assert "--host 127.0.0.1" in command, f"{command!r} would listen beyond this machine"

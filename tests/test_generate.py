@@ -53,7 +53,10 @@ def test_same_seed_same_png_other_seed_other_png(project, capsys):
     assert a != c
     with Image.open(project / "a.png") as image:
         assert image.size == grid_size(rows=2, columns=2)
-    assert "wrote a.png: 4 images (digits 3 1, guidance 2.5; dpmpp2m, 5 steps, seed 0; models/cond.pt)" in capsys.readouterr().out
+    assert (
+        "wrote a.png: 4 images (digits 3 1, guidance 2.5; dpmpp2m, 5 steps, seed 0; models/cond.pt)"
+        in capsys.readouterr().out
+    )
 
 
 def test_animate_writes_steps_plus_one_frames_and_the_same_png(project):
@@ -94,7 +97,9 @@ def test_recording_sees_every_step_and_changes_nothing():
 
 
 def run_cli(cwd, *args):
-    return subprocess.run([sys.executable, "-m", "ddpm_core", "generate", *args], cwd=cwd, env=clean_env(), capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "ddpm_core", "generate", *args], cwd=cwd, env=clean_env(), capture_output=True, text=True
+    )
 
 
 def run_clis(cwd, calls: list[list[str]]) -> list[subprocess.CompletedProcess]:
@@ -116,8 +121,14 @@ def test_unknown_prompt_is_one_line_listing_the_words(tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--prompt", "7"], "error: models/cond.pt: not found; train it with `dvc repro train_cond`, or load one from MLflow with --run-id or --model"),
-        (["--unconditional"], "error: models/uncond.pt: not found; train it with `dvc repro train_uncond`, or load one from MLflow with --run-id or --model"),
+        (
+            ["--prompt", "7"],
+            "error: models/cond.pt: not found; train it with `dvc repro train_cond`, or load one from MLflow with --run-id or --model",
+        ),
+        (
+            ["--unconditional"],
+            "error: models/uncond.pt: not found; train it with `dvc repro train_uncond`, or load one from MLflow with --run-id or --model",
+        ),
         (["--unconditional", "--prompt", "7"], "error: --unconditional draws any class; leave out --prompt"),
     ],
 )
@@ -149,21 +160,55 @@ def test_run_id_loads_the_logged_checkpoint_and_plot_made_the_gif(tiny_pipeline_
         "version": ["--model", "models:/ddpm-mnist-cond/1"], "alias": ["--model", "models:/ddpm-mnist-cond@champion"],
         "logged": ["--model", f"models:/{model_id}"],
     }  # fmt: skip
-    procs = run_clis(project, [["--prompt", "0 1 2", "--n", "4", "--out", str(tmp_path / f"{name}.png"), *extra] for name, extra in sources.items()])
+    procs = run_clis(
+        project,
+        [
+            ["--prompt", "0 1 2", "--n", "4", "--out", str(tmp_path / f"{name}.png"), *extra]
+            for name, extra in sources.items()
+        ],
+    )
     outputs = {}
-    for (name, extra), proc in zip(sources.items(), procs):
+    for (name, extra), proc in zip(sources.items(), procs, strict=True):
         assert proc.returncode == 0, proc.stderr
         if extra[:1] == ["--model"]:
             assert f"; {extra[1]})" in proc.stdout
         outputs[name] = (tmp_path / f"{name}.png").read_bytes()
-    assert outputs["local"] == outputs["parent"] == outputs["child"] == outputs["version"] == outputs["alias"] == outputs["logged"]
+    assert (
+        outputs["local"]
+        == outputs["parent"]
+        == outputs["child"]
+        == outputs["version"]
+        == outputs["alias"]
+        == outputs["logged"]
+    )
     errors = {
-        "error: models:/ddpm-mnist-cond@nope: not found in": ["--prompt", "4", "--model", "models:/ddpm-mnist-cond@nope"],
-        "error: models:/ddpm-mnist-cond/1: is the conditional model; drop --unconditional": ["--unconditional", "--model", "models:/ddpm-mnist-cond/1"],
-        "error: --run-id and --model both name the weights; give one": ["--prompt", "4", "--model", "models:/ddpm-mnist-cond/1", "--run-id", parent],
-        f"error: MLflow run {'0' * 32}: not found in sqlite:///{project}/mlflow.db": ["--prompt", "4", "--run-id", "0" * 32],
+        "error: models:/ddpm-mnist-cond@nope: not found in": [
+            "--prompt",
+            "4",
+            "--model",
+            "models:/ddpm-mnist-cond@nope",
+        ],
+        "error: models:/ddpm-mnist-cond/1: is the conditional model; drop --unconditional": [
+            "--unconditional",
+            "--model",
+            "models:/ddpm-mnist-cond/1",
+        ],
+        "error: --run-id and --model both name the weights; give one": [
+            "--prompt",
+            "4",
+            "--model",
+            "models:/ddpm-mnist-cond/1",
+            "--run-id",
+            parent,
+        ],
+        f"error: MLflow run {'0' * 32}: not found in sqlite:///{project}/mlflow.db": [
+            "--prompt",
+            "4",
+            "--run-id",
+            "0" * 32,
+        ],
     }
-    for (message, args), proc in zip(errors.items(), run_clis(project, list(errors.values()))):
+    for (message, args), proc in zip(errors.items(), run_clis(project, list(errors.values())), strict=True):
         assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(message), proc.stderr
         assert proc.returncode == (1 if "--run-id" in args and "--model" not in args else 2), proc.stderr
 
@@ -176,6 +221,8 @@ def test_run_id_loads_the_logged_checkpoint_and_plot_made_the_gif(tiny_pipeline_
 def test_fallback_sample_params_match_params_yaml():
     """Outside a project folder `ddpm generate` uses its own copy of the `sample` defaults."""
     # The committed params.yaml: `dvc exp run` and `dvc exp apply` change the working copy.
-    committed = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=Path(__file__).parents[1], capture_output=True, text=True, check=True)
+    committed = subprocess.run(
+        ["git", "show", "HEAD:params.yaml"], cwd=Path(__file__).parents[1], capture_output=True, text=True, check=True
+    )
     defaults = yaml.safe_load(committed.stdout)["sample"]
-    assert FALLBACK_SAMPLE == {key: defaults[key] for key in FALLBACK_SAMPLE}
+    assert {key: defaults[key] for key in FALLBACK_SAMPLE} == FALLBACK_SAMPLE

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import torch
 
 from ddpm_core import hardware
@@ -47,6 +49,6 @@ def test_ddpm_cpu_bf16_overrides_the_detected_precision(monkeypatch):
 def test_cpu_flags_are_read_from_the_flags_line():
     flags = hardware.cpu_flags()
     assert set(flags) <= set(hardware.DECIDING_FLAGS)
-    text = open("/proc/cpuinfo").read()
+    text = Path("/proc/cpuinfo").read_text()
     line = next(line for line in text.splitlines() if line.startswith(("flags", "Features")))
     assert ("avx2" in flags) == (" avx2" in line)

@@ -24,7 +24,10 @@ def mnist(mnist_root):
 def judges(mnist):
     train, _ = mnist
     subset = type(train)(train.images[:12_000], train.labels[:12_000])
-    return {arch: train_classifier(subset, 1, 128, 3e-3, seed, torch.device("cpu"), arch) for seed, arch in enumerate(JUDGES)}
+    return {
+        arch: train_classifier(subset, 1, 128, 3e-3, seed, torch.device("cpu"), arch)
+        for seed, arch in enumerate(JUDGES)
+    }
 
 
 @pytest.mark.parametrize("arch", JUDGES)

@@ -77,7 +77,9 @@ def runs(project) -> dict:
     """Ids of the experiment, the parent runs and the stage runs of the first, from the store itself."""
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
     experiment = client.get_experiment_by_name(EXPERIMENT)
-    first, second = client.search_runs([experiment.experiment_id], f"tags.`{ROLE_TAG}` = 'pipeline'", order_by=["attributes.start_time ASC"])
+    first, second = client.search_runs(
+        [experiment.experiment_id], f"tags.`{ROLE_TAG}` = 'pipeline'", order_by=["attributes.start_time ASC"]
+    )
     assert second.info.run_name == SECOND
     children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{first.info.run_id}'")
     return {
@@ -188,9 +190,9 @@ def wait(driver: WebDriver, condition, what: str, timeout: float = WAIT):
     """Poll `condition` until it is truthy. The UI re-renders cards as data arrives, so an
     element found a moment ago may be gone: that poll counts as not yet, and the next
     finds the page afresh."""
-    return WebDriverWait(driver, timeout, poll_frequency=0.5, ignored_exceptions=(StaleElementReferenceException,)).until(
-        condition, f"after {timeout} s: {what}"
-    )
+    return WebDriverWait(
+        driver, timeout, poll_frequency=0.5, ignored_exceptions=(StaleElementReferenceException,)
+    ).until(condition, f"after {timeout} s: {what}")
 
 
 def visible_lines(driver: WebDriver) -> set[str]:
@@ -250,7 +252,9 @@ def loaded_image(driver: WebDriver, card: WebElement, step: int) -> WebElement |
     )
     for img in card.find_elements(By.TAG_NAME, "img"):
         src = img.get_attribute("src") or ""
-        if f"step%2B{step}%2B" in src and driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img):
+        if f"step%2B{step}%2B" in src and driver.execute_script(
+            "return arguments[0].complete && arguments[0].naturalWidth > 0", img
+        ):
             return img
     return None
 
@@ -273,7 +277,11 @@ def test_runs_table_shows_the_parent_runs_their_stage_runs_datasets_and_models(b
     # `#/experiments/<id>` opens the GenAI overview; the runs table is under /runs, and
     # workflowType=machine_learning switches the sidebar to "Model training".
     browser.get(f"{server}#/experiments/{runs['experiment_id']}/runs?workflowType=machine_learning")
-    wait(browser, lambda d: {parent_name, SECOND} <= visible_lines(d), f"parent runs {parent_name!r} and {SECOND!r} in the runs table")
+    wait(
+        browser,
+        lambda d: {parent_name, SECOND} <= visible_lines(d),
+        f"parent runs {parent_name!r} and {SECOND!r} in the runs table",
+    )
     close_assistant(browser)
     assert "train_uncond" not in visible_lines(browser), "stage runs should be folded under their parent"
     # The Dataset column: the training set, with its split, subset and content digest.
@@ -299,8 +307,14 @@ def test_runs_table_shows_the_parent_runs_their_stage_runs_datasets_and_models(b
 def test_model_metrics_show_the_loss_curve_per_step_and_the_grids_during_training(browser, server, runs, shots, stage):
     run_id = runs["children"][stage]
     client = runs["client"]
-    browser.get(f"{server}#/experiments/{runs['experiment_id']}/runs/{run_id}/model-metrics?workflowType=machine_learning")
-    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "[data-testid='experiment-view-compare-runs-card']"), "chart cards")
+    browser.get(
+        f"{server}#/experiments/{runs['experiment_id']}/runs/{run_id}/model-metrics?workflowType=machine_learning"
+    )
+    wait(
+        browser,
+        lambda d: d.find_elements(By.CSS_SELECTOR, "[data-testid='experiment-view-compare-runs-card']"),
+        "chart cards",
+    )
     close_assistant(browser)
 
     # The loss chart: a line over the optimizer steps of train.log_every, drawn by plotly.
@@ -310,29 +324,48 @@ def test_model_metrics_show_the_loss_curve_per_step_and_the_grids_during_trainin
     # The card re-renders as data arrives: read its plotly data afresh each time.
     drawn = wait(browser, lambda d: d.execute_script(PLOT_X, "loss"), "the loss curve drawn")
     assert drawn == logged, "the chart draws every logged point"
-    lines = wait(browser, lambda d: (card := chart_card(d, "loss")) and card.text.splitlines(), "the 'loss' chart's text")
+    lines = wait(
+        browser, lambda d: (card := chart_card(d, "loss")) and card.text.splitlines(), "the 'loss' chart's text"
+    )
     assert "Step" in lines and f"{stage} (loss)" in lines
     for name in ("lr", "grad_norm", "images_per_s", "epoch_loss"):
-        wait(browser, lambda d: chart_card(d, name), f"the {name!r} chart")
+        wait(browser, lambda d, name=name: chart_card(d, name), f"the {name!r} chart")
 
     # The sample grids: the "samples" image card, its slider over the steps they were logged at.
     images = [a.path for a in client.list_artifacts(run_id, "images")]
     steps = sorted({int(p.split("+step+")[1].split("+")[0]) for p in images if p.endswith(".png")})
     assert len(steps) >= 2, steps
-    top = wait(browser, lambda d: (card := chart_card(d, "samples")) and card.find_element(By.CSS_SELECTOR, "[role='slider']").get_attribute("aria-valuemax"), "the 'samples' image card")
+    top = wait(
+        browser,
+        lambda d: (
+            (card := chart_card(d, "samples"))
+            and card.find_element(By.CSS_SELECTOR, "[role='slider']").get_attribute("aria-valuemax")
+        ),
+        "the 'samples' image card",
+    )
     assert int(top) == steps[-1]
     sources = {}
     for step in steps:
-        sources[step] = wait(browser, lambda d: grid_src_at_step(d, step), f"the slider at step {step} and its sample grid shown")
+        sources[step] = wait(
+            browser,
+            lambda d, step=step: grid_src_at_step(d, step),
+            f"the slider at step {step} and its sample grid shown",
+        )
         assert run_id in sources[step]
     assert len(set(sources.values())) == len(steps), "each step shows its own grid"
     if stage == "train_cond":  # one grid row per digit: the README's picture
         screenshot(browser, shots, "mlflow_ui.png")
     # System metrics are charted on their own tab.
-    browser.get(f"{server}#/experiments/{runs['experiment_id']}/runs/{run_id}/system-metrics?workflowType=machine_learning")
+    browser.get(
+        f"{server}#/experiments/{runs['experiment_id']}/runs/{run_id}/system-metrics?workflowType=machine_learning"
+    )
     assert "system/cpu_utilization_percentage" in client.get_run(run_id).data.metrics
     # The tab's "System metrics" section titles its charts without the "system/" prefix.
-    wait(browser, lambda d: chart_card(d, "cpu_utilization_percentage") or chart_card(d, "system/cpu_utilization_percentage"), "the CPU utilisation chart")
+    wait(
+        browser,
+        lambda d: chart_card(d, "cpu_utilization_percentage") or chart_card(d, "system/cpu_utilization_percentage"),
+        "the CPU utilisation chart",
+    )
 
 
 def test_registered_model_lists_its_versions_with_their_experiment(browser, server, runs, shots):
@@ -351,7 +384,7 @@ def test_registered_model_lists_its_versions_with_their_experiment(browser, serv
 def test_two_parent_runs_compare_params_metrics_and_sample_grids_side_by_side(browser, server, runs, shots):
     first, second = runs["parent"], runs["second"]
     ids = f'["{first.info.run_id}","{second.info.run_id}"]'
-    browser.get(f"{server}#/compare-runs?runs={ids}&experiments=[\"{runs['experiment_id']}\"]")
+    browser.get(f'{server}#/compare-runs?runs={ids}&experiments=["{runs["experiment_id"]}"]')
     wait(browser, lambda d: "Comparing 2 Runs from 1 Experiment" in visible_lines(d), "the compare page")
     close_assistant(browser)
     lines = visible_lines(browser)
@@ -360,7 +393,11 @@ def test_two_parent_runs_compare_params_metrics_and_sample_grids_side_by_side(br
     at = browser.find_element(By.TAG_NAME, "body").text.splitlines().index("Metrics")
     assert "cond_accuracy" in browser.find_element(By.TAG_NAME, "body").text.splitlines()[at:], "the final metrics"
     # The sample grids of both runs, side by side: the file they have in common, previewed.
-    entry = wait(browser, lambda d: d.find_elements(By.XPATH, "//*[normalize-space(text())='samples_cond.png']"), "samples_cond.png in the common artifacts")
+    entry = wait(
+        browser,
+        lambda d: d.find_elements(By.XPATH, "//*[normalize-space(text())='samples_cond.png']"),
+        "samples_cond.png in the common artifacts",
+    )
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", entry[-1])
     entry[-1].click()
     shown = """return [...document.querySelectorAll('img')].filter(i => i.src.startsWith('blob:') && i.complete && i.naturalWidth > 0).map(i => i.src)"""

@@ -28,7 +28,9 @@ METRICS = {
 
 def parent_runs(client):
     experiment = client.get_experiment_by_name(EXPERIMENT)
-    return client.search_runs([experiment.experiment_id], "tags.`ddpm.role` = 'pipeline'", order_by=["attributes.start_time ASC"])
+    return client.search_runs(
+        [experiment.experiment_id], "tags.`ddpm.role` = 'pipeline'", order_by=["attributes.start_time ASC"]
+    )
 
 
 def children(client, parent):
@@ -50,7 +52,9 @@ def test_repro_lands_outputs_metrics_and_one_parent_run(tiny_pipeline, tmp_path)
         assert all(isinstance(v, torch.Tensor) for v in state.values())
         rows = list(csv.DictReader((project_clone / "reports" / f"loss_{kind}.csv").open()))
         assert list(rows[0]) == ["step", "epoch", "loss"]
-        assert [int(r["step"]) for r in rows] == curve_steps and [int(r["epoch"]) for r in rows] == [1 + (s - 1) // 3 for s in curve_steps]
+        assert [int(r["step"]) for r in rows] == curve_steps and [int(r["epoch"]) for r in rows] == [
+            1 + (s - 1) // 3 for s in curve_steps
+        ]
         curves[kind] = [float(r["loss"]) for r in rows]
     assert "class_emb.weight" in torch.load(project_clone / "models" / "cond.pt", weights_only=True)
 
@@ -86,7 +90,10 @@ def test_repro_lands_outputs_metrics_and_one_parent_run(tiny_pipeline, tmp_path)
         assert f"fid_{stage[6:]}" in linked and f"zero_pixels_{stage[6:]}" in linked
         (artifact,) = client.list_artifacts(child.info.run_id, "checkpoint")
         local = client.download_artifacts(child.info.run_id, artifact.path, str(tmp_path))
-        assert torch.load(local, weights_only=True).keys() == torch.load(project_clone / "models" / f"{stage[6:]}.pt", weights_only=True).keys()
+        assert (
+            torch.load(local, weights_only=True).keys()
+            == torch.load(project_clone / "models" / f"{stage[6:]}.pt", weights_only=True).keys()
+        )
     # Stage runs log exactly the params their dvc.yaml entry lists.
     assert "train_cond.p_uncond" in stage_runs["train_cond"].data.params
     assert "train_cond.p_uncond" not in stage_runs["train_uncond"].data.params
@@ -111,12 +118,17 @@ def test_repro_lands_outputs_metrics_and_one_parent_run(tiny_pipeline, tmp_path)
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], project_clone).stdout)
     assert shown[""]["data"]["reports/metrics.json"]["data"]["fid_cond"] == pytest.approx(metrics["fid_cond"])
     assert parent_runs(client)[0].data.metrics["fid_cond"] == pytest.approx(metrics["fid_cond"])
-    assert parent_runs(client)[0].data.metrics["cond_accuracy_per_class.3"] == pytest.approx(metrics["cond_accuracy_per_class"]["3"])
+    assert parent_runs(client)[0].data.metrics["cond_accuracy_per_class.3"] == pytest.approx(
+        metrics["cond_accuracy_per_class"]["3"]
+    )
     figures = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
     assert {"figures/loss.png", "figures/samples.png", "figures/per_class_accuracy.png"} <= figures
     # The guidance sweep: its own samples, scores, table, figure and MLflow metrics.
     sweep = metrics["guidance_sweep"]
-    assert set(sweep) == {"num_samples", "fid_floor", "fid_alt_floor", "w0", "w3"} and sweep["num_samples"] == params["evaluate"]["sweep_samples"]
+    assert (
+        set(sweep) == {"num_samples", "fid_floor", "fid_alt_floor", "w0", "w3"}
+        and sweep["num_samples"] == params["evaluate"]["sweep_samples"]
+    )
     with np.load(project_clone / "data" / "samples" / "sweep" / "guidance_3.npz") as f:
         assert f["images"].shape == (sweep["num_samples"], 28, 28)
     table = list(csv.DictReader((project_clone / "reports" / "guidance_sweep.csv").open()))

@@ -21,7 +21,9 @@ def test_digits_and_words_in_any_case(prompt, classes):
     assert parse_prompt(prompt) == classes
 
 
-@pytest.mark.parametrize("prompt,bad", [("eleven", "eleven"), ("3 sevn", "sevn"), ("10", "10"), ("-1", "-1"), ("37", "37"), ("٣", "٣")])
+@pytest.mark.parametrize(
+    "prompt,bad", [("eleven", "eleven"), ("3 sevn", "sevn"), ("10", "10"), ("-1", "-1"), ("37", "37"), ("٣", "٣")]
+)
 def test_unknown_word_is_one_line_listing_the_accepted_words(prompt, bad):
     with pytest.raises(PromptError) as info:
         parse_prompt(prompt)

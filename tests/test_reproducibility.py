@@ -24,7 +24,19 @@ from ddpm_core.tracking import EXPERIMENT
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not MIRROR.is_dir(), reason=f"no MNIST mirror at {MIRROR}")]
 
 CHECKPOINTS = ("models/uncond.pt", "models/cond.pt")
-ENV_KEYS = ("python", "torch", "torchvision", "torchmetrics", "dvc", "mlflow", "device", "threads", "git_revision", "params.yaml.sha256", "dvc.lock.sha256")
+ENV_KEYS = (
+    "python",
+    "torch",
+    "torchvision",
+    "torchmetrics",
+    "dvc",
+    "mlflow",
+    "device",
+    "threads",
+    "git_revision",
+    "params.yaml.sha256",
+    "dvc.lock.sha256",
+)
 
 
 def store(project: Path) -> tuple[MlflowClient, str]:
@@ -39,17 +51,24 @@ def parent_runs(project: Path) -> dict:
 
 def stage_runs(project: Path, parent) -> dict:
     client, experiment_id = store(project)
-    return {r.info.run_name: r for r in client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
+    return {
+        r.info.run_name: r
+        for r in client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    }
 
 
 def fingerprint(project: Path) -> dict:
     """What must be identical between two runs of the same params: the checkpoints' bytes and the metrics."""
-    return {path: sha256_file(project / path) for path in CHECKPOINTS} | {"metrics": json.loads((project / "reports/metrics.json").read_text())}
+    return {path: sha256_file(project / path) for path in CHECKPOINTS} | {
+        "metrics": json.loads((project / "reports/metrics.json").read_text())
+    }
 
 
 def test_every_run_and_the_report_carry_the_environment(tiny_pipeline):
     (parent,) = parent_runs(tiny_pipeline).values()
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tiny_pipeline, capture_output=True, text=True, check=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=tiny_pipeline, capture_output=True, text=True, check=True
+    ).stdout.strip()
     params_hash = sha256_file(tiny_pipeline / "params.yaml")
     for run_ in [parent, *stage_runs(tiny_pipeline, parent).values()]:
         tags = run_.data.tags
@@ -125,9 +144,13 @@ def test_two_queued_experiments_at_once_both_land_in_one_new_store(tiny_pipeline
         run(["dvc", "queue", "start", "-j", "2"], project)
         status = wait_for_queue(project)
     finally:
-        subprocess.run([sys.executable, "-m", "dvc", "queue", "stop"], cwd=project, env=clean_env(), capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "dvc", "queue", "stop"], cwd=project, env=clean_env(), capture_output=True
+        )
     for name, (override, stages) in experiments.items():
-        assert re.search(rf"{name}\s.*Success", status), status + run(["dvc", "queue", "logs", name], project).stdout[-4000:]
+        assert re.search(rf"{name}\s.*Success", status), (
+            status + run(["dvc", "queue", "logs", name], project).stdout[-4000:]
+        )
         assert_landed(project, name, stages)
         key, value = override.split("=")
         assert float(parent_runs(project)[name].data.params[key]) == float(value)
@@ -188,20 +211,28 @@ def test_kill_and_resume_through_dvc_repro_ends_with_the_uninterrupted_bytes(pro
     assert proc.returncode == 0, output
     assert f"train_uncond: resuming after epoch {EPOCHS - 1}" in output, output
     assert not list(resume.glob("*.pt")), "a finished run leaves no resume state"
-    resumed = {"weights": sha256_file(project / "models/uncond.pt"), "losses": (project / "reports/loss_uncond.csv").read_text()}
+    resumed = {
+        "weights": sha256_file(project / "models/uncond.pt"),
+        "losses": (project / "reports/loss_uncond.csv").read_text(),
+    }
 
     # The runs killed mid-stage are marked so in MLflow, not left RUNNING.
     client, experiment_id = store(project)
     statuses = sorted(r.info.status for r in client.search_runs([experiment_id], "tags.`ddpm.stage` = 'train_uncond'"))
     assert statuses == ["FINISHED", "KILLED", "KILLED", "KILLED"]
     # The finished run has the whole curve, the part logged before each interruption included.
-    (finished,) = client.search_runs([experiment_id], "tags.`ddpm.stage` = 'train_uncond' AND attributes.status = 'FINISHED'")
+    (finished,) = client.search_runs(
+        [experiment_id], "tags.`ddpm.stage` = 'train_uncond' AND attributes.status = 'FINISHED'"
+    )
     steps = [int(line.split(",")[0]) for line in resumed["losses"].splitlines()[1:]]
     assert [m.step for m in client.get_metric_history(finished.info.run_id, "loss")] == steps
 
     # The same training, uninterrupted.
     env = clean_env()
     subprocess.run([sys.executable, "stages/train.py", "uncond"], cwd=project, env=env, check=True, capture_output=True)
-    assert {"weights": sha256_file(project / "models/uncond.pt"), "losses": (project / "reports/loss_uncond.csv").read_text()} == resumed
+    assert {
+        "weights": sha256_file(project / "models/uncond.pt"),
+        "losses": (project / "reports/loss_uncond.csv").read_text(),
+    } == resumed
     # 640 images at batch 64: 10 steps per epoch, a point every log_every (2) steps.
     assert [int(r.split(",")[0]) for r in resumed["losses"].splitlines()[1:]] == list(range(2, 10 * EPOCHS + 1, 2))

@@ -36,7 +36,12 @@ def test_generate_returns_uint8_images_and_depends_only_on_seed_and_batch(tiny_p
 def test_stage_scripts_explain_themselves():
     # Started together: each spends seconds importing torch and mlflow on one core.
     procs = {
-        script: subprocess.Popen([sys.executable, ROOT / "stages" / f"{script}.py", "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        script: subprocess.Popen(
+            [sys.executable, ROOT / "stages" / f"{script}.py", "--help"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for script in ("fetch_data", "train", "train_evaluator", "sample", "evaluate", "plot")
     }
     for script, proc in procs.items():

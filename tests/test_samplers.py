@@ -2,7 +2,15 @@ import pytest
 import torch
 from torch import nn
 
-from ddpm_core.samplers import DDIMSampler, DDPMSampler, DPMSolverPPSampler, guided_output, make_sampler, sample, trailing_timesteps
+from ddpm_core.samplers import (
+    DDIMSampler,
+    DDPMSampler,
+    DPMSolverPPSampler,
+    guided_output,
+    make_sampler,
+    sample,
+    trailing_timesteps,
+)
 from ddpm_core.schedule import make_schedule
 
 
@@ -30,7 +38,9 @@ class ConstantDataEps(nn.Module):
         return (xt - ab.sqrt() * target) / (1 - ab).sqrt()
 
 
-@pytest.mark.parametrize("sampler_name,steps", [("ddpm", 1000), ("ddim", 50), ("ddim", 1), ("dpmpp2m", 10), ("dpmpp2m", 1)])
+@pytest.mark.parametrize(
+    "sampler_name,steps", [("ddpm", 1000), ("ddim", 50), ("ddim", 1), ("dpmpp2m", 10), ("dpmpp2m", 1)]
+)
 def test_samplers_recover_a_point_mass(sampler_name, steps):
     schedule = make_schedule("linear", 1000)
     model = ConstantDataEps(schedule, 0.4)
@@ -72,7 +82,6 @@ def test_sampling_starts_from_the_noise_the_network_was_trained_against():
                on_step=lambda k, x, x0: starts.append(x) if k == 0 else None)  # fmt: skip
     plain, shifted = (x.mean((1, 2, 3)).var().item() for x in starts)
     assert abs(plain - 1 / 16) < 0.01 and abs(shifted - (c**2 + 1 / 16)) < 0.02
-
 
 
 def test_ddim_with_eta_one_over_all_steps_is_ddpm():
@@ -118,8 +127,15 @@ def test_t_min_moves_the_last_step_and_keeps_the_spacing_even():
     assert trailing_timesteps(1000, 1000, 0).tolist() == list(range(999, -1, -1))
     assert trailing_timesteps(1000, 1, 10).tolist() == [999]
     assert DPMSolverPPSampler(schedule, 10, t_min=10).timesteps[-1] == 10
-    assert make_sampler("ddim", schedule, 4, 0.0, "v", offset_noise=0.0, t_min=0).timesteps.tolist() == [999, 666, 333, 0]
-    assert len(make_sampler("ddpm", schedule, 10, 0.0, "v", offset_noise=0.0, t_min=10).timesteps) == 1000  # DDPM visits all
+    assert make_sampler("ddim", schedule, 4, 0.0, "v", offset_noise=0.0, t_min=0).timesteps.tolist() == [
+        999,
+        666,
+        333,
+        0,
+    ]
+    assert (
+        len(make_sampler("ddpm", schedule, 10, 0.0, "v", offset_noise=0.0, t_min=10).timesteps) == 1000
+    )  # DDPM visits all
     with pytest.raises(ValueError, match=r"sample.t_min\) must be in \[0, 990\] for 10 steps of 1000, got 991"):
         trailing_timesteps(1000, 10, 991)
 
@@ -219,8 +235,16 @@ def test_dpm_solver_first_and_single_steps_are_ddim_steps():
     schedule = make_schedule("cosine", 1000)
     xt, eps = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
     zeros = torch.zeros_like(xt)
-    assert torch.allclose(DPMSolverPPSampler(schedule, 10).step(xt, eps, 0, zeros), DDIMSampler(schedule, 10).step(xt, eps, 0, zeros), atol=1e-5)
-    assert torch.allclose(DPMSolverPPSampler(schedule, 1).step(xt, eps, 0, zeros), DDIMSampler(schedule, 1).step(xt, eps, 0, zeros), atol=1e-6)
+    assert torch.allclose(
+        DPMSolverPPSampler(schedule, 10).step(xt, eps, 0, zeros),
+        DDIMSampler(schedule, 10).step(xt, eps, 0, zeros),
+        atol=1e-5,
+    )
+    assert torch.allclose(
+        DPMSolverPPSampler(schedule, 1).step(xt, eps, 0, zeros),
+        DDIMSampler(schedule, 1).step(xt, eps, 0, zeros),
+        atol=1e-6,
+    )
 
 
 def test_dpm_solver_restarts_its_history_for_each_loop():

@@ -63,14 +63,24 @@ def test_scorer_gives_the_evaluate_stages_numbers(scorer, data):
         assert s_cond[f"accuracy{x}"] == stage[f"cond_accuracy{x}"]
         assert s_uncond[f"max_class_deviation{x}"] == stage[f"uncond_max_class_deviation{x}"]
     assert "accuracy" not in s_uncond and "accuracy_alt" not in s_uncond
-    assert s_cond["zero_pixels"] == pixels["zero_pixels_cond"] and s_uncond["zero_pixels"] == pixels["zero_pixels_uncond"]
+    assert (
+        s_cond["zero_pixels"] == pixels["zero_pixels_cond"] and s_uncond["zero_pixels"] == pixels["zero_pixels_uncond"]
+    )
     assert s_cond["zero_pixels_real"] == pixels["zero_pixels_real"]
-    assert s_cond["pixel_hist_tv"] == pixels["pixel_hist_tv_cond"] and s_uncond["pixel_hist_tv"] == pixels["pixel_hist_tv_uncond"]
+    assert (
+        s_cond["pixel_hist_tv"] == pixels["pixel_hist_tv_cond"]
+        and s_uncond["pixel_hist_tv"] == pixels["pixel_hist_tv_uncond"]
+    )
     assert 0 < s_cond["pixel_hist_tv_floor"] < s_uncond["pixel_hist_tv"]  # real digits are closer than noised ones
 
 
 def score_cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "score.py"), *map(str, args)], cwd=cwd, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "score.py"), *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+    )
 
 
 def test_cli_scores_npz_files_as_the_library_does(scorer, models_dir, data, mnist_root, tmp_path):
@@ -79,7 +89,17 @@ def test_cli_scores_npz_files_as_the_library_does(scorer, models_dir, data, mnis
     save_samples(tmp_path / "cond.npz", cond, labels)
     save_samples(tmp_path / "uncond.npz", uncond)
     # The unlabelled file twice: as it is, then with cond's labels.
-    out = score_cli(tmp_path / "cond.npz", tmp_path / "uncond.npz", "--json", "--models", models_dir, "--data", mnist_root, "--dataset", "mnist")
+    out = score_cli(
+        tmp_path / "cond.npz",
+        tmp_path / "uncond.npz",
+        "--json",
+        "--models",
+        models_dir,
+        "--data",
+        mnist_root,
+        "--dataset",
+        "mnist",
+    )
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert [row.pop("file") for row in rows] == [str(tmp_path / "cond.npz"), str(tmp_path / "uncond.npz")]
@@ -100,7 +120,9 @@ def test_text_output_and_labels_from_another_file(scorer, data, tmp_path):
     text = cli.describe(tmp_path / "uncond.npz", scores, {name: file for name, (file, _) in JUDGES.items()})
     assert text.splitlines()[0] == f"{tmp_path / 'uncond.npz'}: {N} images"
     assert f"evaluator.pt      FID {scores['fid']:9.3f}   floor {scores['fid_floor']:8.3f}" in text
-    assert f"evaluator_alt.pt  FID {scores['fid_alt']:9.3f}" in text and f"accuracy {scores['accuracy_alt']:.2%}" in text
+    assert (
+        f"evaluator_alt.pt  FID {scores['fid_alt']:9.3f}" in text and f"accuracy {scores['accuracy_alt']:.2%}" in text
+    )
     assert f"exact-zero pixels  {scores['zero_pixels']:.1%}" in text and "pixel-histogram TV" in text
     short = {**scores, "num_samples": N}
     del short["accuracy"], short["accuracy_alt"]
@@ -117,4 +139,8 @@ def test_text_output_and_labels_from_another_file(scorer, data, tmp_path):
 def test_cli_refuses_what_is_not_save_samples_output(models_dir, mnist_root, tmp_path):
     np.savez(tmp_path / "float.npz", images=np.zeros((4, 28, 28), dtype=np.float32))
     out = score_cli(tmp_path / "float.npz", "--models", models_dir, "--data", mnist_root, "--dataset", "mnist")
-    assert out.returncode == 1 and out.stderr.strip() == f"error: {tmp_path / 'float.npz'}: `images` must be uint8 N×28×28, got float32 (4, 28, 28)"
+    assert (
+        out.returncode == 1
+        and out.stderr.strip()
+        == f"error: {tmp_path / 'float.npz'}: `images` must be uint8 N×28×28, got float32 (4, 28, 28)"
+    )

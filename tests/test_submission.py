@@ -26,7 +26,9 @@ spec.loader.exec_module(submission)
 def run(cmd, cwd, env_extra=None):
     """`python <cmd>` as a user would type it: no MLflow/DVC variables of ours, the MNIST
     mirror, the venv first on PATH. Returns the process; the caller checks the exit status."""
-    return subprocess.run([sys.executable, *cmd], cwd=cwd, env=clean_env() | (env_extra or {}), capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, *cmd], cwd=cwd, env=clean_env() | (env_extra or {}), capture_output=True, text=True
+    )
 
 
 def ok(proc):
@@ -79,13 +81,20 @@ def test_pack_then_verify_passes(reproduced, tmp_path):
     assert set(manifest) == files - {"manifest.json"}
     assert {"checksums.json", "environment.json", "reports/report.md", "reports/figures/samples.png"} <= set(manifest)
     assert not any(n.startswith(("code/models/", "code/data/dataset")) for n in files)
-    assert checksums == {f"models/{m}.pt": sha256_file(reproduced / "models" / f"{m}.pt") for m in ("cond", "evaluator", "evaluator_alt", "uncond")}
+    assert checksums == {
+        f"models/{m}.pt": sha256_file(reproduced / "models" / f"{m}.pt")
+        for m in ("cond", "evaluator", "evaluator_alt", "uncond")
+    }
     assert environment["torch"] and environment["params.yaml.sha256"] == sha256_file(reproduced / "params.yaml")
 
     # The rerun must not log to the caller's MLflow store.
     leak = tmp_path / "caller-mlflow.db"
     keep = tmp_path / "keep"
-    verified = run(["tools/submission.py", "verify", str(bundle), "--keep", str(keep)], reproduced, {"MLFLOW_TRACKING_URI": f"sqlite:///{leak}"})
+    verified = run(
+        ["tools/submission.py", "verify", str(bundle), "--keep", str(keep)],
+        reproduced,
+        {"MLFLOW_TRACKING_URI": f"sqlite:///{leak}"},
+    )
     ok(verified)
     rows = table(verified.stdout)
     metrics = flatten(json.loads((reproduced / "reports" / "metrics.json").read_text()))
@@ -178,7 +187,11 @@ def test_pack_takes_a_new_output_not_yet_in_git(tiny_pipeline_copy, tmp_path):
     # taken from the work tree, so an untracked output is no reason to refuse.
     project = tiny_pipeline_copy
     subprocess.run(["git", "rm", "-q", "--cached", "reports/guidance_sweep.csv"], cwd=project, check=True)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "untrack an output"], cwd=project, check=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "untrack an output"],
+        cwd=project,
+        check=True,
+    )
     bundle = tmp_path / "b.tar.gz"
     ok(run(["tools/submission.py", "pack", "--out", str(bundle)], project))
     with tarfile.open(bundle) as tar:
@@ -193,7 +206,10 @@ def test_pack_takes_a_new_output_not_yet_in_git(tiny_pipeline_copy, tmp_path):
 def test_pack_refuses_outside_a_git_checkout(tmp_path):
     proc = run([str(ROOT / "tools" / "submission.py"), "pack"], tmp_path)
     assert proc.returncode == 1
-    assert proc.stderr.strip() == f"error: {tmp_path} is not a git checkout: run this from the root of the ddpm-mnist repository"
+    assert (
+        proc.stderr.strip()
+        == f"error: {tmp_path} is not a git checkout: run this from the root of the ddpm-mnist repository"
+    )
 
 
 def test_verify_refuses_what_is_not_a_bundle(tmp_path):
@@ -214,7 +230,12 @@ def test_help_names_both_commands():
 def test_compare_metrics_flattens_and_is_exact_by_default():
     bundle = {"fid": 2.75, "n": 1000, "per_class": {"0": 0.5, "1": 1.0}}
     same = submission.compare_metrics(bundle, json.loads(json.dumps(bundle)))
-    assert [(r[0], r[3]) for r in same] == [("metric fid", "PASS"), ("metric n", "PASS"), ("metric per_class.0", "PASS"), ("metric per_class.1", "PASS")]
+    assert [(r[0], r[3]) for r in same] == [
+        ("metric fid", "PASS"),
+        ("metric n", "PASS"),
+        ("metric per_class.0", "PASS"),
+        ("metric per_class.1", "PASS"),
+    ]
 
     nudged = {**bundle, "per_class": {"0": 0.5 * (1 + 1e-12), "1": 1.0}}
     rows = {r[0]: r for r in submission.compare_metrics(bundle, nudged)}
@@ -268,4 +289,6 @@ def test_check_manifest_names_changed_missing_and_unlisted_files(tmp_path):
 def test_is_under_matches_whole_path_components():
     outs = ["reports/figures", "models/cond.pt"]
     assert submission.is_under("reports/figures/loss.png", outs) and submission.is_under("models/cond.pt", outs)
-    assert not submission.is_under("reports/figures2/x.png", outs) and not submission.is_under("models/cond.pt.bak", outs)
+    assert not submission.is_under("reports/figures2/x.png", outs) and not submission.is_under(
+        "models/cond.pt.bak", outs
+    )

@@ -42,11 +42,15 @@ def test_datasets_are_inputs_of_the_stage_run_and_of_its_parent(mnist_root, tmp_
     client, _ = store(tmp_path)
 
     def inputs(run_id):
-        return sorted((d.dataset.name, d.dataset.digest, d.tags[0].value) for d in client.get_run(run_id).inputs.dataset_inputs)
+        return sorted(
+            (d.dataset.name, d.dataset.digest, d.tags[0].value) for d in client.get_run(run_id).inputs.dataset_inputs
+        )
 
     assert inputs(run.run_id) == [("mnist-train[:500]", train.digest(), "training")]
     assert inputs(evaluate.run_id) == [("mnist-test", test.digest(), "evaluation")]
-    assert inputs(run.parent_id) == sorted([("mnist-train[:500]", train.digest(), "training"), ("mnist-test", test.digest(), "evaluation")])
+    assert inputs(run.parent_id) == sorted(
+        [("mnist-train[:500]", train.digest(), "training"), ("mnist-test", test.digest(), "evaluation")]
+    )
     (first,) = client.get_run(run.run_id).inputs.dataset_inputs
     assert '"num_images": 500' in first.dataset.profile and '"split": "train"' in first.dataset.profile
 
@@ -93,10 +97,12 @@ def register(root, kind, path, params, tags=None):
 def test_trained_weights_become_a_logged_model_and_a_registered_version(tmp_path, weights, monkeypatch):
     monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
     paths, params = weights
-    run, first_id, first = register(tmp_path / "store", "cond", paths["cond"], params, {"dvc.experiment": "exp-a", "git.revision": "abc"})
+    run, first_id, first = register(
+        tmp_path / "store", "cond", paths["cond"], params, {"dvc.experiment": "exp-a", "git.revision": "abc"}
+    )
     _, second_id, second = register(tmp_path / "store", "cond", paths["cond"], params)
     assert (first, second) == (1, 2) and first_id != second_id
-    client, experiment_id = store(tmp_path / "store")
+    client, _ = store(tmp_path / "store")
 
     model = client.get_logged_model(first_id)
     assert model.status == "READY" and model.source_run_id == run.run_id and model.model_type == tracking.MODEL_TYPE
@@ -104,13 +110,18 @@ def test_trained_weights_become_a_logged_model_and_a_registered_version(tmp_path
     assert [o.model_id for o in client.get_run(run.run_id).outputs.model_outputs] == [first_id]
     assert first_id in [o.model_id for o in client.get_run(run.parent_id).outputs.model_outputs]
     version = client.get_model_version("ddpm-mnist-cond", "1")
-    assert version.source == f"models:/{first_id}" and version.tags == {"dvc.experiment": "exp-a", "git.revision": "abc"}
+    assert version.source == f"models:/{first_id}" and version.tags == {
+        "dvc.experiment": "exp-a",
+        "git.revision": "abc",
+    }
     assert client.get_registered_model("ddpm-mnist-cond").tags[tracking.PROJECT_TAG] == tracking.EXPERIMENT
 
     # Loaded back through the registry, by version and by alias: the same bytes and params.
     client.set_registered_model_alias("ddpm-mnist-cond", "champion", "2")
     for uri in ("models:/ddpm-mnist-cond/1", "models:/ddpm-mnist-cond@champion", f"models:/{second_id}"):
-        local, logged = tracking.checkpoint_from_model(tmp_path / "store", uri, "cond", tmp_path / uri.replace("/", "_"))
+        local, logged = tracking.checkpoint_from_model(
+            tmp_path / "store", uri, "cond", tmp_path / uri.replace("/", "_")
+        )
         assert local.read_bytes() == paths["cond"].read_bytes() and logged == model.params
 
     # The evaluate stage finds the model by its weights and links metrics to it.
@@ -160,7 +171,9 @@ def test_bad_model_uris_and_a_foreign_registered_model_are_one_line_and_leave_no
         with pytest.raises(RegistryError, match=message) as info:
             tracking.checkpoint_from_model(root, uri, "cond", tmp_path / "dl")
         assert "\n" not in str(info.value) and info.value.exit_code == 2
-    with pytest.raises(RegistryError, match="models:/ddpm-mnist-cond/1: is the conditional model; drop --unconditional"):
+    with pytest.raises(
+        RegistryError, match="models:/ddpm-mnist-cond/1: is the conditional model; drop --unconditional"
+    ):
         tracking.checkpoint_from_model(root, "models:/ddpm-mnist-cond/1", "uncond", tmp_path / "dl")
 
     client = MlflowClient(tracking.tracking_uri(root))
@@ -176,7 +189,10 @@ def test_bad_model_uris_and_a_foreign_registered_model_are_one_line_and_leave_no
     # Someone else's registered model of our name: refused before any work, nothing registered.
     client.create_registered_model("ddpm-mnist-uncond")
     before = len(client.search_logged_models([experiment_id]))
-    with pytest.raises(RegistryError, match="registered model 'ddpm-mnist-uncond' exists in the MLflow store but was not made by this project"):
+    with pytest.raises(
+        RegistryError,
+        match="registered model 'ddpm-mnist-uncond' exists in the MLflow store but was not made by this project",
+    ):
         register(root, "uncond", paths["uncond"], params)
     assert len(client.search_logged_models([experiment_id])) == before
     assert client.search_model_versions("name = 'ddpm-mnist-uncond'") == []

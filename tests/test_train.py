@@ -55,7 +55,9 @@ def test_warmup_cosine_schedule():
 
 
 @pytest.mark.parametrize("conditional", [False, True])
-def test_training_logs_a_curve_per_log_point_grids_per_preview_and_epoch_means(mnist_root, two_epochs, tmp_path, conditional):
+def test_training_logs_a_curve_per_log_point_grids_per_preview_and_epoch_means(
+    mnist_root, two_epochs, tmp_path, conditional
+):
     # 128 images at batch 64: 2 steps per epoch, 4 in all; log_every 2, preview_every 3 (conftest).
     data = load_images(mnist_root, "mnist", subset=two_epochs.data.train_subset)
     tracker = Recorder()
@@ -67,8 +69,12 @@ def test_training_logs_a_curve_per_log_point_grids_per_preview_and_epoch_means(m
     points = tracker.points()
     assert [step for step, _ in points] == [2, 4]
     buckets = [f"eps_loss/t{lo:03d}-{lo + 199:03d}" for lo in range(0, 1000, 200)]
-    for (step, logged), row, epoch_loss in zip(points, result.curve, result.losses):
-        assert {"loss", "lr", "grad_norm", "images_per_s"} <= logged.keys() <= {"loss", "lr", "grad_norm", "images_per_s", *buckets}
+    for (step, logged), row, epoch_loss in zip(points, result.curve, result.losses, strict=False):
+        assert (
+            {"loss", "lr", "grad_norm", "images_per_s"}
+            <= logged.keys()
+            <= {"loss", "lr", "grad_norm", "images_per_s", *buckets}
+        )
         assert row == {"step": step, "epoch": step // 2, **logged}
         # Here one log interval is one epoch: the curve's point is that epoch's mean.
         assert logged["loss"] == pytest.approx(epoch_loss, rel=1e-5)
@@ -85,28 +91,62 @@ def test_training_logs_a_curve_per_log_point_grids_per_preview_and_epoch_means(m
 
 
 def test_a_log_interval_longer_than_an_epoch_still_gives_a_point_per_epoch(mnist_root, tmp_path):
-    params = parse_params(tiny_raw(epochs=2, data={"train_subset": 128}, train={"log_every": 1000, "preview_every": 1000}))
+    params = parse_params(
+        tiny_raw(epochs=2, data={"train_subset": 128}, train={"log_every": 1000, "preview_every": 1000})
+    )
     tracker = Recorder()
-    result = train_diffusion(load_images(mnist_root, "mnist", subset=128), params, False, tmp_path / "r.pt", tracker, device=torch.device("cpu"))
+    result = train_diffusion(
+        load_images(mnist_root, "mnist", subset=128),
+        params,
+        False,
+        tmp_path / "r.pt",
+        tracker,
+        device=torch.device("cpu"),
+    )
     assert [step for step, _ in tracker.points()] == [2, 4] and [row["epoch"] for row in result.curve] == [1, 2]
     assert [step for _, step, _ in tracker.images] == [4]  # the last step always gets a grid
 
 
 def test_curve_meter_means_and_noise_level_buckets():
     meter = CurveMeter(1000, torch.device("cpu"))
-    assert meter.names == ["eps_loss/t000-199", "eps_loss/t200-399", "eps_loss/t400-599", "eps_loss/t600-799", "eps_loss/t800-999"]
-    meter.add(StepStats(LossTerms(torch.tensor(2.0), torch.tensor([0, 199, 999]), torch.tensor([1.0, 3.0, 5.0])), torch.tensor(4.0)))
+    assert meter.names == [
+        "eps_loss/t000-199",
+        "eps_loss/t200-399",
+        "eps_loss/t400-599",
+        "eps_loss/t600-799",
+        "eps_loss/t800-999",
+    ]
+    meter.add(
+        StepStats(
+            LossTerms(torch.tensor(2.0), torch.tensor([0, 199, 999]), torch.tensor([1.0, 3.0, 5.0])), torch.tensor(4.0)
+        )
+    )
     meter.add(StepStats(LossTerms(torch.tensor(4.0), torch.tensor([200]), torch.tensor([7.0])), torch.tensor(2.0)))
     assert meter.take() == pytest.approx(
-        {"loss": (2.0 * 3 + 4.0) / 4, "grad_norm": 3.0, "eps_loss/t000-199": 2.0, "eps_loss/t200-399": 7.0, "eps_loss/t800-999": 5.0}
+        {
+            "loss": (2.0 * 3 + 4.0) / 4,
+            "grad_norm": 3.0,
+            "eps_loss/t000-199": 2.0,
+            "eps_loss/t200-399": 7.0,
+            "eps_loss/t800-999": 5.0,
+        }
     )
     assert meter.images.item() == 0  # taken: the next interval starts empty
-    assert CurveMeter(10, torch.device("cpu")).names == ["eps_loss/t0-1", "eps_loss/t2-3", "eps_loss/t4-5", "eps_loss/t6-7", "eps_loss/t8-9"]
+    assert CurveMeter(10, torch.device("cpu")).names == [
+        "eps_loss/t0-1",
+        "eps_loss/t2-3",
+        "eps_loss/t4-5",
+        "eps_loss/t6-7",
+        "eps_loss/t8-9",
+    ]
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(mnist_root, two_epochs, tmp_path):
     data = load_images(mnist_root, "mnist", subset=two_epochs.data.train_subset)
-    runs = [train_diffusion(data, two_epochs, True, tmp_path / f"r{i}.pt", Recorder(), device=torch.device("cpu")) for i in range(2)]
+    runs = [
+        train_diffusion(data, two_epochs, True, tmp_path / f"r{i}.pt", Recorder(), device=torch.device("cpu"))
+        for i in range(2)
+    ]
     assert runs[0].losses == runs[1].losses
     assert digest(runs[0].ema_state_dict) == digest(runs[1].ema_state_dict)
     other = parse_params(tiny_raw(seed=1, epochs=2, data={"train_subset": 128}))

@@ -49,7 +49,7 @@ def test_unconditional_model_has_no_class_embedding():
     model = UNet([16, 32])
     assert model.class_emb is None
     with pytest.raises(AttributeError):
-        model.null_class
+        _ = model.null_class
 
 
 def test_timestep_changes_the_prediction():

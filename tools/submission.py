@@ -32,14 +32,15 @@ import tempfile
 import zlib
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 # The ddpm_core of this checkout (as stages/common.py does), not whichever pip installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ddpm_core import environment, hardware  # noqa: E402
-from ddpm_core.config import flatten  # noqa: E402
+from ddpm_core import environment, hardware
+from ddpm_core.config import flatten
 
 # params.yaml and dvc.lock come from the work tree: after `dvc repro` both may differ from HEAD.
 WORK_TREE_FILES = ("params.yaml", "dvc.lock")
@@ -57,7 +58,7 @@ class Refusal(Exception):
 # ---------------------------------------------------------------- helpers
 
 
-def run(cmd: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+def run(cmd: list[str], cwd: Path, **kwargs: Any) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, **kwargs)
 
 
@@ -77,7 +78,9 @@ def checkpoint_files(root: Path, lock: dict) -> list[str]:
     for out in lock_outs(lock):
         if out.startswith("models/"):
             path = root / out
-            files += sorted(str(p.relative_to(root)) for p in path.rglob("*") if p.is_file()) if path.is_dir() else [out]
+            files += (
+                sorted(str(p.relative_to(root)) for p in path.rglob("*") if p.is_file()) if path.is_dir() else [out]
+            )
     return files
 
 
@@ -111,7 +114,7 @@ def files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
-def human_size(n: int) -> str:
+def human_size(n: float) -> str:
     for unit in ("B", "kB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -157,13 +160,17 @@ def check_packable(root: Path) -> dict:
         raise Refusal(f"dvc status failed: {last}")
     stale = json.loads(status.stdout or "{}")
     if stale:
-        raise Refusal(f"the pipeline is not up to date (stages {', '.join(stale)} changed since dvc.lock): run dvc repro first")
+        raise Refusal(
+            f"the pipeline is not up to date (stages {', '.join(stale)} changed since dvc.lock): run dvc repro first"
+        )
     return lock
 
 
 def stage_bundle(root: Path, lock: dict, top: Path) -> tuple[int, int]:
     """Write the bundle's files into the folder `top`; return (checkpoints, files listed)."""
-    archive = subprocess.run(["git", "archive", "--format=tar", "HEAD"], cwd=root, capture_output=True, check=True).stdout
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", "HEAD"], cwd=root, capture_output=True, check=True
+    ).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(top / "code", filter="data")
     for name in WORK_TREE_FILES:
@@ -203,7 +210,9 @@ def pack(out: Path | None) -> int:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-    print(f"packed {out} ({human_size(out.stat().st_size)}): code at {rev}, {n_checkpoints} checkpoint hashes, {n_files} files in the manifest")
+    print(
+        f"packed {out} ({human_size(out.stat().st_size)}): code at {rev}, {n_checkpoints} checkpoint hashes, {n_files} files in the manifest"
+    )
     print(f"check it with: python tools/submission.py verify {out}")
     return 0
 
@@ -211,13 +220,13 @@ def pack(out: Path | None) -> int:
 # ---------------------------------------------------------------- verify
 
 
-def short(value) -> str:
+def short(value: object) -> str:
     """A cell of the table: hashes cut to 16 hex digits, numbers in full (repr)."""
     text = repr(value) if isinstance(value, float) else str(value)
     return text[:16] if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else text
 
 
-def same_number(a, b, rtol: float) -> bool:
+def same_number(a: object, b: object, rtol: float) -> bool:
     if isinstance(a, bool) or isinstance(b, bool) or not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
         return a == b
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
@@ -248,7 +257,10 @@ def compare_checksums(expected: dict[str, str], code: Path) -> list[tuple[str, s
 def compare_environment(bundle: dict[str, str], rerun: dict[str, str]) -> list[tuple[str, str, str, str]]:
     """Notes, not checks: a different torch or device explains a FAIL, it is not one."""
     keys = [k for k in bundle if k not in ENV_SKIPPED and not k.endswith(".sha256")]
-    return [(f"env {k}", bundle[k], rerun.get(k, "missing"), "same" if bundle[k] == rerun.get(k) else "differs") for k in keys]
+    return [
+        (f"env {k}", bundle[k], rerun.get(k, "missing"), "same" if bundle[k] == rerun.get(k) else "differs")
+        for k in keys
+    ]
 
 
 def check_manifest(top: Path) -> list[tuple[str, str, str, str]]:
@@ -262,7 +274,14 @@ def check_manifest(top: Path) -> list[tuple[str, str, str, str]]:
     for name, digest in sorted(manifest.items()):
         found = environment.sha256_file(top / name)
         if found != digest:
-            rows.append((f"file {name}", short(digest), "missing" if found == "missing" else f"{short(found)} (changed)", "FAIL"))
+            rows.append(
+                (
+                    f"file {name}",
+                    short(digest),
+                    "missing" if found == "missing" else f"{short(found)} (changed)",
+                    "FAIL",
+                )
+            )
     rows += [(f"file {name}", "not listed", "present", "FAIL") for name in sorted(present - set(manifest))]
     return rows or [("manifest", f"{len(manifest)} files", "all match", "PASS")]
 
@@ -270,7 +289,7 @@ def check_manifest(top: Path) -> list[tuple[str, str, str, str]]:
 def format_table(rows: list[tuple[str, str, str, str]]) -> str:
     header = ("item", "bundle", "rerun", "result")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
-    lines = [" | ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    lines = [" | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -307,7 +326,9 @@ def extract(bundle: Path, dest: Path) -> Path:
         with tarfile.open(bundle) as tar:
             tar.extractall(dest, filter="data")
     except (tarfile.TarError, EOFError, zlib.error):
-        raise Refusal(f"{bundle}: not a readable submission bundle (not a .tar.gz archive, or a truncated one)") from None
+        raise Refusal(
+            f"{bundle}: not a readable submission bundle (not a .tar.gz archive, or a truncated one)"
+        ) from None
     except OSError as exc:
         raise Refusal(f"{bundle}: not a readable submission bundle ({exc.strerror or exc})") from None
     tops = [p.parent for p in dest.glob("*/manifest.json")]
@@ -325,8 +346,20 @@ def rerun(code: Path, bundle_rev: str, threads: str | None) -> tuple[str, str, s
     if threads and threads.isdigit():
         env["DDPM_THREADS"] = threads
         print(f"--- {threads} threads, as the bundle was made with (DDPM_THREADS)", flush=True)
-    git = ["git", "-c", "user.name=submission verify", "-c", "user.email=verify@localhost", "-c", "commit.gpgsign=false"]
-    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-q", "--no-verify", "-m", f"submission bundle of {bundle_rev}"]):
+    git = [
+        "git",
+        "-c",
+        "user.name=submission verify",
+        "-c",
+        "user.email=verify@localhost",
+        "-c",
+        "commit.gpgsign=false",
+    ]
+    for cmd in (
+        ["init", "-q"],
+        ["add", "-A"],
+        ["commit", "-q", "--no-verify", "-m", f"submission bundle of {bundle_rev}"],
+    ):
         subprocess.run(git + cmd, cwd=code, env=env, check=True, stdout=subprocess.DEVNULL)
     print(f"--- dvc repro --force in {code}", flush=True)
     status = subprocess.run(dvc_cmd("repro", "--force"), cwd=code, env=env).returncode
@@ -356,7 +389,9 @@ def verify(bundle: Path, keep: Path | None, rtol: float) -> int:
         except (OSError, ValueError):
             rerun_metrics = {}
         rows += compare_metrics(json.loads((top / "reports" / "metrics.json").read_text()), rerun_metrics, rtol)
-        rerun_env_described = describe(top / "code") | ({"threads": expected_env["threads"]} if expected_env.get("threads", "").isdigit() else {})
+        rerun_env_described = describe(top / "code") | (
+            {"threads": expected_env["threads"]} if expected_env.get("threads", "").isdigit() else {}
+        )
         rows += compare_environment(expected_env, rerun_env_described)
         print(f"\nbundle {bundle}, code at {expected_env.get('git_revision', 'unknown')}")
         status = report(rows)
@@ -387,7 +422,12 @@ def main(argv: list[str] | None = None) -> int:
         "manifest.json. Run from the repository root after `dvc repro`; refuses when the pipeline is not up "
         "to date or code differs from HEAD.",
     )
-    p.add_argument("--out", type=Path, metavar="PATH", help="where to write the .tar.gz (default: submissions/<git-short-rev>-<date>-<time>.tar.gz)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="PATH",
+        help="where to write the .tar.gz (default: submissions/<git-short-rev>-<date>-<time>.tar.gz)",
+    )
     v = sub.add_parser(
         "verify",
         help="re-run a bundle's pipeline in a fresh directory and compare",
@@ -398,7 +438,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     v.add_argument("bundle", type=Path, metavar="BUNDLE", help="a .tar.gz written by `pack`")
     v.add_argument("--keep", type=Path, metavar="DIR", help="rerun in DIR (new or empty) and keep it for inspection")
-    v.add_argument("--rtol", type=float, default=0.0, metavar="X", help="relative tolerance for metrics (default 0: exact; e.g. 1e-4 on a GPU)")
+    v.add_argument(
+        "--rtol",
+        type=float,
+        default=0.0,
+        metavar="X",
+        help="relative tolerance for metrics (default 0: exact; e.g. 1e-4 on a GPU)",
+    )
     args = parser.parse_args(argv)
     if args.command == "verify" and not args.rtol >= 0:
         parser.error("--rtol must be >= 0")
