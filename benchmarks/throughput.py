@@ -1,6 +1,7 @@
 """Training images/s of one optimisation step for a precision, batch size and U-Net width.
 
-    python benchmarks/throughput.py bf16 32 '[32, 64, 128]'   # prints one line
+    python benchmarks/throughput.py bf16 32 '[32, 64, 128]'     # prints one line
+    python benchmarks/throughput.py fp32 32 '[64, 128]' 2 2     # + model.patch_size, blocks_per_level
 
 Everything else as params.yaml says (the pipeline's train_step: loss, AdamW, clipping,
 EMA); random data, since speed does not depend on it. docs/performance.md has the table
@@ -27,9 +28,11 @@ from ddpm_core.unet import build_unet  # noqa: E402
 hardware.configure_threads()
 base = load_params(ROOT / "params.yaml")
 prec, bs, ch = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+patch = int(sys.argv[4]) if len(sys.argv) > 4 else base.model.patch_size
+blocks = int(sys.argv[5]) if len(sys.argv) > 5 else base.model.blocks_per_level
 params = base.model_copy(
     update={
-        "model": base.model.model_copy(update={"channels": ch}),
+        "model": base.model.model_copy(update={"channels": ch, "patch_size": patch, "blocks_per_level": blocks}),
         "train": base.train.model_copy(update={"batch_size": bs}),
     }
 )
@@ -55,4 +58,7 @@ run(3)
 n = max(8, 1024 // bs)
 seconds = run(n)
 size = sum(p.numel() for p in model.parameters()) / 1e6
-print(f"{prec} bs={bs} ch={ch}: {n * bs / seconds:.0f} img/s, {size:.2f} M params", flush=True)
+print(
+    f"{prec} bs={bs} ch={ch} patch={patch} blocks={blocks}: {n * bs / seconds:.0f} img/s, {size:.2f} M params",
+    flush=True,
+)

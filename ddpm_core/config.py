@@ -34,17 +34,26 @@ class DiffusionParams(_Section):
 
 
 class ModelParams(_Section):
-    # One width per resolution level (28, 14, 7 pixels); GroupNorm uses 8 groups.
+    # One width per resolution level (28, 14, 7 pixels; 14, 7 at patch_size 2); GroupNorm uses 8 groups.
     channels: list[Annotated[int, Field(ge=8, multiple_of=8)]] = Field(min_length=1, max_length=3)
     blocks_per_level: int = Field(ge=1)
     attention_heads: int = Field(ge=1)
     dropout: float = Field(ge=0.0, lt=1.0)
+    patch_size: Literal[1, 2]  # 2: the U-Net runs at 14 pixels on 2×2 patches folded into channels
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelParams:
         if self.channels[-1] % self.attention_heads:
             raise ValueError(
                 f"attention_heads ({self.attention_heads}) must divide the last width ({self.channels[-1]})"
+            )
+        size, levels = 28 // self.patch_size, 1  # 28 → 14 → 7 pixels; at patch_size 2, 14 → 7
+        while size % 2 == 0:
+            size, levels = size // 2, levels + 1
+        if len(self.channels) > levels:
+            raise ValueError(
+                f"channels has {len(self.channels)} levels, but at patch_size {self.patch_size} the U-Net starts at "
+                f"{28 // self.patch_size} pixels and halves to 7 at most: give at most {levels} widths"
             )
         return self
 

@@ -45,7 +45,8 @@ def params_from_logged(flat: dict[str, str], source: str) -> tuple[ModelParams, 
     """The architecture, noise schedule and dataset of weights logged to MLflow, from the
     params logged beside them (flat dotted keys, values as text); `source` names them in errors."""
     try:
-        model_params = ModelParams.model_validate(_section(flat, "model"))
+        # runs from before model.patch_size did not log it (their U-Net ran at 28 pixels)
+        model_params = ModelParams.model_validate({"patch_size": 1, **_section(flat, "model")})
         # runs from before v-prediction did not log diffusion.prediction (they predicted ε),
         # nor those from before offset noise diffusion.offset_noise (they had none)
         diffusion = DiffusionParams.model_validate(

@@ -85,6 +85,7 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         num_classes: int | None = None,
         image_channels: int = 1,
+        patch_size: int = 1,
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -93,7 +94,10 @@ class UNet(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(self.time_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes is not None else None
 
-        self.inp = nn.Conv2d(image_channels, channels[0], 3, padding=1)
+        # patch_size p > 1: the network runs at 28/p pixels on p×p patches folded into channels
+        folded = image_channels * patch_size**2
+        self.fold, self.unfold = nn.PixelUnshuffle(patch_size), nn.PixelShuffle(patch_size)
+        self.inp = nn.Conv2d(folded, channels[0], 3, padding=1)
         self.down = nn.ModuleList()
         width = channels[0]
         for level, c in enumerate(channels):
@@ -118,7 +122,7 @@ class UNet(nn.Module):
                     nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, width, 3, padding=1))
                 )
 
-        self.out = nn.Sequential(nn.GroupNorm(GROUPS, width), nn.SiLU(), nn.Conv2d(width, image_channels, 3, padding=1))
+        self.out = nn.Sequential(nn.GroupNorm(GROUPS, width), nn.SiLU(), nn.Conv2d(width, folded, 3, padding=1))
         for p in self.out[-1].parameters():
             nn.init.zeros_(p)
 
@@ -136,7 +140,7 @@ class UNet(nn.Module):
             emb = emb + self.class_emb(labels)
         emb = F.silu(emb)
 
-        h = self.inp(x)
+        h = self.inp(self.fold(x))
         skips = []
         for layer in self.down:
             if isinstance(layer, ResBlock):
@@ -147,7 +151,7 @@ class UNet(nn.Module):
         h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
         for layer in self.up:  # a block takes its skip; an upsampling layer takes h alone
             h = layer(torch.cat([h, skips.pop()], dim=1), emb) if isinstance(layer, ResBlock) else layer(h)
-        return self.out(h)
+        return self.unfold(self.out(h))
 
 
 def build_unet(params: ModelParams, num_classes: int | None) -> UNet:
@@ -157,4 +161,5 @@ def build_unet(params: ModelParams, num_classes: int | None) -> UNet:
         attention_heads=params.attention_heads,
         dropout=params.dropout,
         num_classes=num_classes,
+        patch_size=params.patch_size,
     )

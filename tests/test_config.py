@@ -65,6 +65,10 @@ def test_unknown_sampler_and_schedule_list_the_choices():
 def test_model_width_constraints():
     assert "attention_heads (3) must divide the last width (32)" in error_of(model={"attention_heads": 3})
     assert "model.channels.1 = 20: Input should be a multiple of 8" in error_of(model={"channels": [16, 20]})
+    # at patch_size 2 the U-Net starts at 14 pixels: 14 and 7, no third level
+    assert "at patch_size 2 the U-Net starts at 14 pixels" in error_of(model={"patch_size": 2, "channels": [8, 16, 32]})
+    assert parse_params(tiny_raw(model={"patch_size": 2, "channels": [16, 32]})).model.patch_size == 2
+    assert "model.patch_size = 4: Input should be 1 or 2" in error_of(model={"patch_size": 4})
 
 
 def test_missing_or_broken_file(tmp_path):

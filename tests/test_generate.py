@@ -226,3 +226,16 @@ def test_fallback_sample_params_match_params_yaml():
     )
     defaults = yaml.safe_load(committed.stdout)["sample"]
     assert {key: defaults[key] for key in FALLBACK_SAMPLE} == FALLBACK_SAMPLE
+
+
+def test_weights_logged_before_patch_size_existed_load_as_28_pixel_networks():
+    from ddpm_core.errors import TrackingError
+    from ddpm_core.generation import params_from_logged
+
+    flat = {"model.channels": "[16, 32]", "model.blocks_per_level": "1", "model.attention_heads": "2",
+            "model.dropout": "0.0", "diffusion.timesteps": "50", "diffusion.schedule": "linear"}  # fmt: skip
+    model, diffusion, dataset = params_from_logged(flat, "run abc")
+    assert (model.patch_size, diffusion.prediction, diffusion.offset_noise, dataset) == (1, "eps", 0.0, "mnist")
+    assert params_from_logged({**flat, "model.patch_size": "2"}, "run abc")[0].patch_size == 2
+    with pytest.raises(TrackingError, match="run abc: its logged model/diffusion params are unusable"):
+        params_from_logged({**flat, "model.patch_size": "3"}, "run abc")

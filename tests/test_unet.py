@@ -21,8 +21,28 @@ def test_output_shape_matches_input(channels, blocks):
     assert model(x, torch.tensor([0, 500, 999])).shape == x.shape
 
 
-def test_fresh_model_predicts_zero_noise():
-    model = UNet([16, 32], num_classes=10)
+def test_patch_size_2_runs_the_network_at_14_pixels():
+    model = randomized(UNet([16, 32], attention_heads=2, num_classes=10, patch_size=2))
+    seen = []
+    model.mid_attn.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0].shape))
+    x = torch.randn(3, 1, 28, 28)
+    out = model(x, torch.tensor([0, 500, 999]), torch.tensor([1, 2, 10]))
+    assert out.shape == x.shape
+    assert seen == [torch.Size([3, 32, 7, 7])]  # 28 → 14 (the 2×2 fold) → 7
+    assert model.inp.in_channels == 4 and model.out[-1].out_channels == 4
+    # each output pixel is one of the four folded channels, put back where it came from
+    assert torch.equal(model.unfold(model.fold(x)), x)
+
+
+def test_patch_size_1_keeps_the_parameter_names_of_earlier_checkpoints():
+    names = set(UNet([16, 32], num_classes=10).state_dict())
+    assert {"inp.weight", "out.2.weight"} <= names
+    assert not any(name.startswith(("fold", "unfold")) for name in names)  # the folds have no weights
+
+
+@pytest.mark.parametrize("patch_size", [1, 2])
+def test_fresh_model_predicts_zero_noise(patch_size):
+    model = UNet([16, 32], num_classes=10, patch_size=patch_size)
     out = model(torch.randn(2, 1, 28, 28), torch.tensor([1, 2]), torch.tensor([3, 4]))
     assert torch.count_nonzero(out) == 0
 
