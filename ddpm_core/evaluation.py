@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ddpm_core import fidelity
 from ddpm_core.data import NUM_CLASSES, ImageSet
 from ddpm_core.files import load_safe
 from ddpm_core.pixels import histogram_tv, zero_share
@@ -334,6 +335,108 @@ class SampleScorer:
         return scores
 
 
+@torch.inference_mode()
+def judge_features(classifier: Judge, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """The judge's FID features (N, d) of uint8 images, in float64 on the CPU: what its
+    `FeatureFID` compares."""
+    device = next(classifier.parameters()).device
+    classifier.eval()
+    return torch.cat(
+        [classifier.features(chunk.to(device).float() / 255).double().cpu() for chunk in images.split(batch_size)]
+    )
+
+
+PR_K = 3  # k of the k-NN radii of precision and recall (Kynkäänniemi et al.'s choice)
+MEMORIZATION_QUANTILE = 0.01  # of held-out real digits' nearest-training-image distances
+RESAMPLES = 200  # bootstrap resamples of each interval
+
+
+def ci95(low_high: tuple[float, float]) -> dict[str, float]:
+    """An interval as metrics hold it: {"low": …, "high": …}. DVC leaves list-valued metrics
+    out of `dvc exp show`; a dict shows as two columns, `<name>_ci95.low` and `.high`."""
+    return {"low": low_high[0], "high": low_high[1]}
+
+
+class FidelityJudge:
+    """One judge's reference for the numbers beyond FID: the features and Gaussian statistics
+    of the whole real test set (FID's and KID's reference), whose first N also stand for the
+    real manifold of precision and recall."""
+
+    def __init__(self, classifier: Judge, test_images: torch.Tensor):
+        self.classifier = classifier
+        self.reference = judge_features(classifier, test_images)
+        self.frechet = fidelity.FrechetReference(self.reference)
+
+    def fid_ci(self, features: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
+        """95 % interval of FID against the test set, resampling the samples (bias-corrected)."""
+        return ci95(
+            fidelity.bootstrap_ci(
+                lambda idx: self.frechet.distance(features[idx]),
+                len(features), generator, RESAMPLES, estimate=self.frechet.distance(features),
+            )
+        )  # fmt: skip
+
+    def kid_ci(self, features: torch.Tensor, estimate: float, generator: torch.Generator) -> dict[str, float]:
+        """95 % interval of KID against the test set, resampling the samples against one
+        subset of the test set (bias-corrected, centred on `estimate`)."""
+        resampled = fidelity.kid_resampler(self.reference, features, generator)
+        return ci95(fidelity.bootstrap_ci(resampled, len(features), generator, RESAMPLES, estimate=estimate))
+
+    def accuracy_ci(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
+        return ci95(fidelity.mean_ci(predict(self.classifier, images) == labels, generator, RESAMPLES))
+
+
+def fidelity_metrics(
+    judges: dict[str, FidelityJudge],
+    test_images: torch.Tensor,
+    floor_images: torch.Tensor,
+    train_images: torch.Tensor,
+    samples: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
+    seed: int = 0,
+) -> dict:
+    """KID, precision and recall in each judge's space, memorization in pixels, and a 95 %
+    interval for each, and for FID and accuracy, of each sample set ({"uncond": (images,
+    None), "cond": (images, labels)}). Keys as `fid_*`: `kid_cond`, `kid_alt_cond`,
+    `precision_cond`, `recall_alt_uncond`, …, `memorized_cond`, each `<name>_ci95: {low, high}`;
+    `kid_floor` (`floor_images`, real training images as many as the samples, against the
+    test set), `precision_floor`/`recall_floor` (the same images, as samples) and
+    `memorization_threshold`.
+
+    Precision and recall take as many test images as there are floor images as the real set
+    (k = PR_K); memorization compares with all of `train_images` (the model's training set).
+    Everything is drawn from a generator seeded with `seed`: the same samples give the same
+    numbers."""
+    generator = torch.Generator().manual_seed(seed)
+    metrics: dict[str, Any] = {}
+    num_real = len(floor_images)
+    for name, judge in judges.items():
+        s = f"_{name}" if name else ""
+        classifier = judge.classifier
+        real = judge.reference[:num_real]
+        floor = judge_features(classifier, floor_images)
+        metrics[f"kid{s}_floor"] = fidelity.kid(judge.reference, floor, generator)
+        p, r = fidelity.precision_recall(real, floor, PR_K)
+        metrics[f"precision{s}_floor"], metrics[f"recall{s}_floor"] = p.double().mean().item(), r.double().mean().item()
+        for kind, (images, labels) in samples.items():
+            fake = judge_features(classifier, images)
+            metrics[f"fid{s}_{kind}_ci95"] = judge.fid_ci(fake, generator)
+            metrics[f"kid{s}_{kind}"] = fidelity.kid(judge.reference, fake, generator)
+            metrics[f"kid{s}_{kind}_ci95"] = judge.kid_ci(fake, metrics[f"kid{s}_{kind}"], generator)
+            in_real, in_fake = fidelity.precision_recall(real, fake, PR_K)
+            for metric, inside in (("precision", in_real), ("recall", in_fake)):
+                metrics[f"{metric}{s}_{kind}"] = inside.double().mean().item()
+                metrics[f"{metric}{s}_{kind}_ci95"] = ci95(fidelity.mean_ci(inside, generator, RESAMPLES))
+            if labels is not None:
+                metrics[f"{kind}_accuracy{s}_ci95"] = judge.accuracy_ci(images, labels, generator)
+    held_out = fidelity.nearest_distances(test_images[:num_real], train_images)
+    threshold = metrics["memorization_threshold"] = fidelity.memorization_threshold(held_out, MEMORIZATION_QUANTILE)
+    for kind, (images, _) in samples.items():
+        copies = fidelity.nearest_distances(images, train_images) < threshold
+        metrics[f"memorized_{kind}"] = copies.double().mean().item()
+        metrics[f"memorized_{kind}_ci95"] = ci95(fidelity.mean_ci(copies, generator, RESAMPLES))
+    return metrics
+
+
 def sweep_key(guidance: float) -> str:
     """The metrics key of one weight: 3.0 → "w3", 1.5 → "w1.5"."""
     return f"w{guidance:g}"
@@ -345,19 +448,29 @@ def evaluate_guidance_sweep(
     train_images: torch.Tensor,
     samples: dict[float, tuple[torch.Tensor, torch.Tensor]],
     fid_alt: FeatureFID | None = None,
+    intervals: tuple[dict[str, FidelityJudge], int] | None = None,
 ) -> dict:
     """Conditional accuracy and FID at each guidance weight ({w: (images, labels)}), with
     the floor for that many images: FID grows as N shrinks, so compare with it. With
-    `fid_alt`, also the FID in the second judge's space (`fid_alt`, `fid_alt_floor`)."""
+    `fid_alt`, also the FID in the second judge's space (`fid_alt`, `fid_alt_floor`). With
+    `intervals` = (the judges by name, a seed), each weight's `fid_ci95`, `fid_alt_ci95`
+    and `cond_accuracy_ci95` (bootstrap over its samples)."""
     n = len(next(iter(samples.values()))[1])
     sweep: dict[str, Any] = {"num_samples": n, "fid_floor": fid.score(train_images[:n])}
     if fid_alt is not None:
         sweep["fid_alt_floor"] = fid_alt.score(train_images[:n])
     for guidance, (images, labels) in samples.items():
         cond_accuracy, _ = accuracy(predict(classifier, images), labels)
-        row = {"guidance": guidance, "cond_accuracy": cond_accuracy, "fid": fid.score(images)}
+        row: dict[str, Any] = {"guidance": guidance, "cond_accuracy": cond_accuracy, "fid": fid.score(images)}
         if fid_alt is not None:
             row["fid_alt"] = fid_alt.score(images)
+        if intervals is not None:
+            judges, seed = intervals
+            generator = torch.Generator().manual_seed(seed)
+            for name, judge in judges.items():
+                s = f"_{name}" if name else ""
+                row[f"fid{s}_ci95"] = judge.fid_ci(judge_features(judge.classifier, images), generator)
+            row["cond_accuracy_ci95"] = judges[""].accuracy_ci(images, labels, generator)
         sweep[sweep_key(guidance)] = row
     return sweep
 

@@ -13,15 +13,44 @@ def _table(header: tuple[str, ...], rows: list[tuple]) -> str:
     return "\n".join(lines)
 
 
+def _ci(values: dict, key: str, digits: int = 3) -> str:
+    """ " [low, high]" of `key`'s 95 % interval (`key_ci95`), or "" if it has none."""
+    interval = values.get(f"{key}_ci95")
+    return f" [{interval['low']:.{digits}f}, {interval['high']:.{digits}f}]" if interval else ""
+
+
+def _pair(metrics: dict, name: str, digits: int = 3) -> str:
+    """ "uncond [ci] / cond [ci]" of a per-model metric."""
+    return " / ".join(
+        f"{metrics[f'{name}_{kind}']:.{digits}f}{_ci(metrics, f'{name}_{kind}', digits)}" for kind in ("uncond", "cond")
+    )
+
+
+def _fidelity_rows(metrics: dict) -> list[tuple[str, str, str]]:
+    """KID, precision/recall and memorization (issue 17), when the metrics have them."""
+    if "kid_cond" not in metrics:
+        return []
+    return [
+        ("KID, unconditional / conditional", _pair(metrics, "kid", 4), f"real images: {metrics['kid_floor']:.4f} (unbiased: ≈ 0)"),
+        ("precision, unconditional / conditional", _pair(metrics, "precision"), f"real images: {metrics['precision_floor']:.3f}; share of samples inside the real manifold (k = 3)"),
+        ("recall, unconditional / conditional", _pair(metrics, "recall"), f"real images: {metrics['recall_floor']:.3f}; share of real digits inside the samples' manifold"),
+        ("second judge: precision / recall, conditional", f"{metrics['precision_alt_cond']:.3f} / {metrics['recall_alt_cond']:.3f}", f"real images: {metrics['precision_alt_floor']:.3f} / {metrics['recall_alt_floor']:.3f}"),
+        ("memorized, unconditional / conditional", _pair(metrics, "memorized"), f"nearest training image closer than {metrics['memorization_threshold']:.0f} (pixel L2): 1 % of held-out test digits are"),
+    ]  # fmt: skip
+
+
 def _sweep_section(metrics: dict) -> list[str]:
     sweep = metrics.get("guidance_sweep")
     if not sweep:
         return []
     floor = sweep["fid_floor"]
     rows = [
-        (f"{r['guidance']:g}", f"{r['cond_accuracy']:.4f}", f"{r['fid']:.3f}", f"{r['fid'] / floor:.2f}×")
+        (
+            f"{r['guidance']:g}", f"{r['cond_accuracy']:.4f}{_ci(r, 'cond_accuracy')}",
+            f"{r['fid']:.3f}{_ci(r, 'fid')}", f"{r['fid'] / floor:.2f}×",
+        )
         for r in sweep_rows(metrics)
-    ]
+    ]  # fmt: skip
     return [
         "### Guidance sweep",
         f"Conditional samples at each classifier-free guidance weight, {sweep['num_samples']} per weight "
@@ -46,10 +75,14 @@ def render_report(
     results = [
         (
             "FID, unconditional samples",
-            f"{metrics['fid_uncond']:.3f}",
+            f"{metrics['fid_uncond']:.3f}{_ci(metrics, 'fid_uncond')}",
             f"{metrics['fid_uncond_over_floor']:.2f}× floor",
         ),
-        ("FID, conditional samples", f"{metrics['fid_cond']:.3f}", f"{metrics['fid_cond_over_floor']:.2f}× floor"),
+        (
+            "FID, conditional samples",
+            f"{metrics['fid_cond']:.3f}{_ci(metrics, 'fid_cond')}",
+            f"{metrics['fid_cond_over_floor']:.2f}× floor",
+        ),
         (f"FID floor ({n} real training images)", f"{floor:.3f}", "what a perfect model scores at this N"),
         (
             "second judge: FID unconditional / conditional",
@@ -57,7 +90,12 @@ def render_report(
             f"{metrics['fid_alt_uncond_over_floor']:.2f}× / {metrics['fid_alt_cond_over_floor']:.2f}× its floor {metrics['fid_alt_floor']:.3f}",
         ),
         ("second judge: conditional accuracy", f"{metrics['cond_accuracy_alt']:.4f}", "another architecture and seed"),
-        ("conditional accuracy", f"{metrics['cond_accuracy']:.4f}", "evaluator agrees with the requested class"),
+        (
+            "conditional accuracy",
+            f"{metrics['cond_accuracy']:.4f}{_ci(metrics, 'cond_accuracy', 4)}",
+            "evaluator agrees with the requested class",
+        ),
+        *_fidelity_rows(metrics),
         (
             "unconditional: largest class deviation",
             f"{metrics['uncond_max_class_deviation']:.4f}",
@@ -89,6 +127,7 @@ def render_report(
         "## Results",
         f"FID is computed in the 128-d feature space of the project's {DATASETS[dataset].title} classifier against "
         f"the 10,000 test images, for {n} generated images per model.",
+        "Brackets: 95 % bootstrap intervals over the samples (docs/metrics.md).",
         _table(("metric", "value", "note"), results),
         "### Per class",
         _table(("class", "conditional accuracy", "unconditional fraction"), per_class),

@@ -102,10 +102,16 @@ def guidance_sweep_figure(rows: list[dict], fid_floor: float, num_samples: int) 
     weights = [r["guidance"] for r in rows]
     acc, fid = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     acc.plot(weights, [r["cond_accuracy"] for r in rows], marker="o")
+    if all("cond_accuracy_ci95" in r for r in rows):  # 95 % bootstrap intervals
+        low, high = [r["cond_accuracy_ci95"]["low"] for r in rows], [r["cond_accuracy_ci95"]["high"] for r in rows]
+        acc.fill_between(weights, low, high, alpha=0.25, lw=0)
     acc.set(
         xlabel="guidance weight w", ylabel="conditional accuracy", ylim=(0, 1.02), title="Accuracy (evaluator agrees)"
     )
     fid.plot(weights, [r["fid"] for r in rows], marker="o", color="tab:orange")
+    if all("fid_ci95" in r for r in rows):
+        low, high = [r["fid_ci95"]["low"] for r in rows], [r["fid_ci95"]["high"] for r in rows]
+        fid.fill_between(weights, low, high, color="tab:orange", alpha=0.25, lw=0, label="95 % bootstrap interval")
     fid.axhline(fid_floor, color="tab:red", lw=1, ls="--", label=f"real-data floor ({fid_floor:.2f})")
     fid.set(
         xlabel="guidance weight w", ylabel="FID (classifier features)", title=f"FID, {num_samples} samples per weight"

@@ -21,7 +21,15 @@ from pathlib import Path
 import common
 from ddpm_core.config import Params
 from ddpm_core.data import dataset_record, load_images
-from ddpm_core.evaluation import FeatureFID, evaluate_guidance_sweep, evaluate_samples, load_classifier, sweep_rows
+from ddpm_core.evaluation import (
+    FeatureFID,
+    FidelityJudge,
+    evaluate_guidance_sweep,
+    evaluate_samples,
+    fidelity_metrics,
+    load_classifier,
+    sweep_rows,
+)
 from ddpm_core.files import write_text_atomic
 from ddpm_core.generation import load_labelled_samples, load_samples, sweep_samples_path
 from ddpm_core.pixels import pixel_metrics
@@ -49,8 +57,18 @@ def run(params: Params) -> None:
             evaluate_samples(judge_alt, fid_alt, real.images[: ep.num_samples], uncond, cond, cond_labels, judge="alt")
         )
         metrics.update(pixel_metrics(uncond, cond, test.images[: ep.num_samples]))
+        judges = {"": FidelityJudge(classifier, test.images), "alt": FidelityJudge(judge_alt, test.images)}
+        training = load_images(common.DATA, params.data.dataset, train=True, subset=params.data.train_subset)
+        metrics.update(
+            fidelity_metrics(
+                judges, test.images, real.images[: ep.num_samples], training.images,
+                {"uncond": (uncond, None), "cond": (cond, cond_labels)},
+            )
+        )  # fmt: skip
         if sweep:
-            metrics["guidance_sweep"] = evaluate_guidance_sweep(classifier, fid, real.images, sweep, fid_alt)
+            metrics["guidance_sweep"] = evaluate_guidance_sweep(
+                classifier, fid, real.images, sweep, fid_alt, intervals=(judges, 0)
+            )
         write_text_atomic(Path("reports/metrics.json"), json.dumps(metrics, indent=2) + "\n")
         # Each model's own numbers are linked to its logged model (its MLflow page lists
         # them); the rest, and all of them on the parent run, as plain run metrics.
@@ -71,6 +89,14 @@ def run(params: Params) -> None:
         f"evaluate: second judge: FID uncond {metrics['fid_alt_uncond']:.2f}, cond {metrics['fid_alt_cond']:.2f} "
         f"(real floor {metrics['fid_alt_floor']:.2f}); conditional accuracy {metrics['cond_accuracy_alt']:.4f}"
     )
+    for kind in ("cond", "uncond"):
+        print(
+            f"evaluate: {kind}: KID {metrics[f'kid_{kind}']:.4f} (real {metrics['kid_floor']:.4f}), "
+            f"precision {metrics[f'precision_{kind}']:.3f}, recall {metrics[f'recall_{kind}']:.3f} "
+            f"(real {metrics['precision_floor']:.3f}, {metrics['recall_floor']:.3f}), "
+            f"memorized {metrics[f'memorized_{kind}']:.1%}; FID 95 % interval "
+            f"[{metrics[f'fid_{kind}_ci95']['low']:.2f}, {metrics[f'fid_{kind}_ci95']['high']:.2f}]"
+        )
     print(
         f"evaluate: exact-zero pixels uncond {metrics['zero_pixels_uncond']:.1%}, cond {metrics['zero_pixels_cond']:.1%} "
         f"(real {metrics['zero_pixels_real']:.1%}); histogram TV uncond {metrics['pixel_hist_tv_uncond']:.3f}, "

@@ -23,6 +23,12 @@ METRICS = {
     "fid_alt_floor", "fid_alt_uncond", "fid_alt_cond", "fid_alt_uncond_over_floor", "fid_alt_cond_over_floor",
     "cond_accuracy_alt", "uncond_max_class_deviation_alt",
     "zero_pixels_uncond", "zero_pixels_cond", "zero_pixels_real", "pixel_hist_tv_uncond", "pixel_hist_tv_cond",
+    # issue 17: KID, precision/recall in both judges' spaces, memorization, and 95 % intervals
+    "kid_floor", "kid_alt_floor", "precision_floor", "recall_floor", "precision_alt_floor", "recall_alt_floor",
+    "memorization_threshold", "cond_accuracy_ci95", "cond_accuracy_alt_ci95",
+    *(f"{name}{s}_{kind}{ci}" for name in ("fid", "kid", "precision", "recall") for s in ("", "_alt")
+      for kind in ("uncond", "cond") for ci in ("", "_ci95")),
+    *(f"memorized_{kind}{ci}" for kind in ("uncond", "cond") for ci in ("", "_ci95")),
 }  # fmt: skip
 
 
@@ -115,6 +121,11 @@ def test_repro_lands_outputs_metrics_and_one_parent_run(tiny_pipeline, tmp_path)
     assert 0 <= metrics["cond_accuracy_alt"] <= 1
     # The real test images' background is mostly exact black; no histogram is farther than 1.
     assert metrics["zero_pixels_real"] > 0.75 and 0 <= metrics["pixel_hist_tv_uncond"] <= 1
+    # Every interval is [low, high] around its number (FID's is bias-corrected, as the others)
+    for key in (k for k in metrics if k.endswith("_ci95")):
+        assert metrics[key]["low"] <= metrics[key.removesuffix("_ci95")] <= metrics[key]["high"], key
+    assert 0 <= metrics["precision_cond"] <= 1 and 0 <= metrics["memorized_uncond"] <= 1
+    assert parent_runs(client)[0].data.metrics["fid_cond_ci95.low"] == pytest.approx(metrics["fid_cond_ci95"]["low"])
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], project_clone).stdout)
     assert shown[""]["data"]["reports/metrics.json"]["data"]["fid_cond"] == pytest.approx(metrics["fid_cond"])
     assert parent_runs(client)[0].data.metrics["fid_cond"] == pytest.approx(metrics["fid_cond"])
@@ -136,5 +147,9 @@ def test_repro_lands_outputs_metrics_and_one_parent_run(tiny_pipeline, tmp_path)
     assert float(table[1]["cond_accuracy"]) == pytest.approx(sweep["w3"]["cond_accuracy"])
     assert "figures/guidance_sweep.png" in figures
     assert parent_runs(client)[0].data.metrics["guidance_sweep.w3.fid"] == pytest.approx(sweep["w3"]["fid"])
+    assert sweep["w3"]["fid_ci95"]["low"] <= sweep["w3"]["fid"] <= sweep["w3"]["fid_ci95"]["high"]
+    # dvc exp show has the intervals as two columns (DVC leaves list-valued metrics out)
+    table = run(["dvc", "exp", "show", "--csv", "--drop", ".*", "--keep", "fid_cond_ci95"], project_clone).stdout
+    assert "fid_cond_ci95.low,fid_cond_ci95.high" in table.splitlines()[0]
     report = (project_clone / "reports" / "report.md").read_text()
     assert f"{metrics['fid_floor']:.3f}" in report and "torch" in report and "### Guidance sweep" in report
