@@ -362,8 +362,8 @@ class FidelityJudge:
     of the whole real test set (FID's and KID's reference), whose first N also stand for the
     real manifold of precision and recall."""
 
-    def __init__(self, classifier: Judge, test_images: torch.Tensor):
-        self.classifier = classifier
+    def __init__(self, classifier: Judge, test_images: torch.Tensor, resamples: int = RESAMPLES):
+        self.classifier, self.resamples = classifier, resamples
         self.reference = judge_features(classifier, test_images)
         self.frechet = fidelity.FrechetReference(self.reference)
 
@@ -372,7 +372,7 @@ class FidelityJudge:
         return ci95(
             fidelity.bootstrap_ci(
                 lambda idx: self.frechet.distance(features[idx]),
-                len(features), generator, RESAMPLES, estimate=self.frechet.distance(features),
+                len(features), generator, self.resamples, estimate=self.frechet.distance(features),
             )
         )  # fmt: skip
 
@@ -380,10 +380,10 @@ class FidelityJudge:
         """95 % interval of KID against the test set, resampling the samples against one
         subset of the test set (bias-corrected, centred on `estimate`)."""
         resampled = fidelity.kid_resampler(self.reference, features, generator)
-        return ci95(fidelity.bootstrap_ci(resampled, len(features), generator, RESAMPLES, estimate=estimate))
+        return ci95(fidelity.bootstrap_ci(resampled, len(features), generator, self.resamples, estimate=estimate))
 
     def accuracy_ci(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
-        return ci95(fidelity.mean_ci(predict(self.classifier, images) == labels, generator, RESAMPLES))
+        return ci95(fidelity.mean_ci(predict(self.classifier, images) == labels, generator, self.resamples))
 
 
 def fidelity_metrics(
@@ -409,6 +409,7 @@ def fidelity_metrics(
     generator = torch.Generator().manual_seed(seed)
     metrics: dict[str, Any] = {}
     num_real = len(floor_images)
+    resamples = min(judge.resamples for judge in judges.values())
     for name, judge in judges.items():
         s = f"_{name}" if name else ""
         classifier = judge.classifier
@@ -425,7 +426,7 @@ def fidelity_metrics(
             in_real, in_fake = fidelity.precision_recall(real, fake, PR_K)
             for metric, inside in (("precision", in_real), ("recall", in_fake)):
                 metrics[f"{metric}{s}_{kind}"] = inside.double().mean().item()
-                metrics[f"{metric}{s}_{kind}_ci95"] = ci95(fidelity.mean_ci(inside, generator, RESAMPLES))
+                metrics[f"{metric}{s}_{kind}_ci95"] = ci95(fidelity.mean_ci(inside, generator, judge.resamples))
             if labels is not None:
                 metrics[f"{kind}_accuracy{s}_ci95"] = judge.accuracy_ci(images, labels, generator)
     held_out = fidelity.nearest_distances(test_images[:num_real], train_images)
@@ -433,7 +434,7 @@ def fidelity_metrics(
     for kind, (images, _) in samples.items():
         copies = fidelity.nearest_distances(images, train_images) < threshold
         metrics[f"memorized_{kind}"] = copies.double().mean().item()
-        metrics[f"memorized_{kind}_ci95"] = ci95(fidelity.mean_ci(copies, generator, RESAMPLES))
+        metrics[f"memorized_{kind}_ci95"] = ci95(fidelity.mean_ci(copies, generator, resamples))
     return metrics
 
 

@@ -77,7 +77,7 @@ def test_kid_precision_recall_and_memorization_controls(judges, mnist):
     from ddpm_core.evaluation import FidelityJudge, fidelity_metrics
 
     train, test = mnist
-    n = 500
+    n = 400
     three = test.images[2000:][test.labels[2000:] < 3][:n]
     noise = torch.randint(0, 256, (n, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     samples = {
