@@ -96,7 +96,9 @@ class UNet(nn.Module):
 
         # patch_size p > 1: the network runs at 28/p pixels on p×p patches folded into channels
         folded = image_channels * patch_size**2
-        self.fold, self.unfold = nn.PixelUnshuffle(patch_size), nn.PixelShuffle(patch_size)
+        # at patch_size 1 nothing to do, and no copy in the training step
+        self.fold: nn.Module = nn.PixelUnshuffle(patch_size) if patch_size > 1 else nn.Identity()
+        self.unfold: nn.Module = nn.PixelShuffle(patch_size) if patch_size > 1 else nn.Identity()
         self.inp = nn.Conv2d(folded, channels[0], 3, padding=1)
         self.down = nn.ModuleList()
         width = channels[0]
