@@ -92,11 +92,26 @@ class EvaluateParams(_Section):
     # Conditional accuracy and FID at each guidance weight, on sweep_samples images each.
     guidance_sweep: list[Annotated[float, Field(ge=0.0)]]
     sweep_samples: int = Field(ge=10, le=60_000)
+    # Classification Accuracy Score: the first cas_samples conditional samples train a
+    # classifier for cas_epochs; 0 skips it.
+    cas_samples: int = Field(ge=0, le=60_000)
+    cas_epochs: int = Field(ge=1)
 
     @model_validator(mode="after")
     def _distinct_weights(self) -> EvaluateParams:
         if len(set(self.guidance_sweep)) != len(self.guidance_sweep):
             raise ValueError(f"guidance_sweep lists a weight twice: {self.guidance_sweep}")
+        return self
+
+    @model_validator(mode="after")
+    def _cas_samples_are_drawn(self) -> EvaluateParams:
+        if self.cas_samples > self.num_samples:
+            raise ValueError(
+                f"cas_samples ({self.cas_samples}) must be at most num_samples ({self.num_samples}): "
+                "the CAS classifier trains on the conditional samples the stage judges; raise num_samples too"
+            )
+        if 0 < self.cas_samples < 10:
+            raise ValueError(f"cas_samples ({self.cas_samples}) must be 0 (no CAS) or at least 10, one per class")
         return self
 
 

@@ -1,7 +1,7 @@
 """Judging generated digits: two MNIST classifiers, FID in each one's feature space, accuracy.
 
 No Inception network: its weights would have to be downloaded, and its ImageNet
-features say little about 28×28 digits. FID here is torchmetrics'
+features say little about 28×28 digits. FID here is the formula of torchmetrics'
 FrechetInceptionDistance with the classifier's penultimate layer as `feature=`, the
 convention of the diffusion-on-MNIST literature. Its values are therefore on this
 classifier's scale: compare them with the real-data floor computed beside them.
@@ -110,35 +110,31 @@ Judge = Classifier | ResidualClassifier  # the two feature spaces of FID
 ARCHITECTURES: dict[str, type[Judge]] = {"vgg": Classifier, "residual": ResidualClassifier}
 
 
-class ClassifierFeatures(nn.Module):
-    """The `feature=` module for torchmetrics' FID: float images in [0, 1] → the classifier's
-    penultimate features (128-d or 256-d)."""
-
-    def __init__(self, classifier: Judge):
-        super().__init__()
-        self.classifier = classifier.eval()
-        self.num_features = classifier.num_features
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.classifier.features(images)
-
-
 def train_classifier(
-    train: ImageSet, epochs: int, batch_size: int, lr: float, seed: int, device: torch.device, architecture: str = "vgg"
+    train: ImageSet,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: torch.device,
+    architecture: str = "vgg",
+    desc: str | None = None,
 ) -> Judge:
     """AdamW with a one-cycle schedule and random shifts of up to 2 pixels; `architecture`
-    is a key of `ARCHITECTURES`."""
+    is a key of `ARCHITECTURES`, `desc` the progress bar's name."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = ARCHITECTURES[architecture]().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = math.ceil(len(train) / batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps)
+    name = desc or f"{architecture} evaluator"
+    bar = tqdm(total=epochs * steps, desc=name, unit="step", mininterval=1.0)
     for epoch in range(1, epochs + 1):
         model.train()
         order = torch.randperm(len(train), generator=generator)
-        bar = tqdm(range(steps), desc=f"{architecture} evaluator epoch {epoch}/{epochs}", unit="step", mininterval=1.0)
-        for step in bar:
+        bar.set_description(f"{name} epoch {epoch}/{epochs}")
+        for step in range(steps):
             idx = order[step * batch_size : (step + 1) * batch_size]
             images = random_shift(train.images[idx], generator).to(device)
             loss = F.cross_entropy(model(images), train.labels[idx].to(device), label_smoothing=0.05)
@@ -146,8 +142,10 @@ def train_classifier(
             loss.backward()
             optimizer.step()
             scheduler.step()
+            bar.update()
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
     return model.eval()
 
 
@@ -186,33 +184,24 @@ def class_histogram(predicted: torch.Tensor) -> tuple[list[float], float]:
 class FeatureFID:
     """FID against one fixed reference set, in the classifier's feature space.
 
-    The reference statistics are computed once; `score(images)` compares any number of
-    image sets with them.
-    """
+    The reference's features and statistics are computed once (`fidelity.FrechetReference`);
+    `score(images)` compares any number of image sets with them. The formula is torchmetrics'
+    `FrechetInceptionDistance` with the classifier as `feature=` (tests/test_fidelity.py
+    holds them equal), computed through a symmetric eigenproblem: milliseconds instead of
+    the second its general eigensolver takes on a 256-d covariance."""
 
     def __init__(self, classifier: Judge, reference: torch.Tensor, batch_size: int = 1000):
-        # Imported here: torchmetrics takes ~2 s to import, which the stages that only
-        # classify (train_evaluator, plot) would pay at every start.
-        from torchmetrics.image.fid import FrechetInceptionDistance
+        self.classifier, self.batch_size = classifier, batch_size
+        self.reference = self.features(reference)
+        self.frechet = fidelity.FrechetReference(self.reference)
 
-        self.batch_size = batch_size
-        device = next(classifier.parameters()).device
-        self.metric = FrechetInceptionDistance(
-            feature=ClassifierFeatures(classifier), normalize=True, reset_real_features=False
-        ).to(device)
-        self._update(reference, real=True)
-
-    @torch.inference_mode()
-    def _update(self, images: torch.Tensor, real: bool) -> None:
-        device = self.metric.device
-        for chunk in images.split(self.batch_size):
-            self.metric.update(chunk.to(device).float() / 255, real=real)
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The classifier's features of uint8 images, as `judge_features`."""
+        return judge_features(self.classifier, images, self.batch_size)
 
     def score(self, images: torch.Tensor) -> float:
         """FID between uint8 images (N, 1, 28, 28) and the reference set."""
-        self.metric.reset()
-        self._update(images, real=False)
-        return max(0.0, self.metric.compute().item())
+        return max(0.0, self.frechet.distance(self.features(images)))
 
 
 def judge_images(
@@ -357,15 +346,14 @@ def ci95(low_high: tuple[float, float]) -> dict[str, float]:
     return {"low": low_high[0], "high": low_high[1]}
 
 
-class FidelityJudge:
+class FidelityJudge(FeatureFID):
     """One judge's reference for the numbers beyond FID: the features and Gaussian statistics
     of the whole real test set (FID's and KID's reference), whose first N also stand for the
-    real manifold of precision and recall."""
+    real manifold of precision and recall; `resamples` bootstrap draws per interval."""
 
     def __init__(self, classifier: Judge, test_images: torch.Tensor, resamples: int = RESAMPLES):
-        self.classifier, self.resamples = classifier, resamples
-        self.reference = judge_features(classifier, test_images)
-        self.frechet = fidelity.FrechetReference(self.reference)
+        super().__init__(classifier, test_images)
+        self.resamples = resamples
 
     def fid_ci(self, features: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
         """95 % interval of FID against the test set, resampling the samples (bias-corrected)."""
@@ -388,28 +376,23 @@ class FidelityJudge:
 
 def fidelity_metrics(
     judges: dict[str, FidelityJudge],
-    test_images: torch.Tensor,
     floor_images: torch.Tensor,
-    train_images: torch.Tensor,
     samples: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
     seed: int = 0,
 ) -> dict:
-    """KID, precision and recall in each judge's space, memorization in pixels, and a 95 %
-    interval for each, and for FID and accuracy, of each sample set ({"uncond": (images,
-    None), "cond": (images, labels)}). Keys as `fid_*`: `kid_cond`, `kid_alt_cond`,
-    `precision_cond`, `recall_alt_uncond`, …, `memorized_cond`, each `<name>_ci95: {low, high}`;
-    `kid_floor` (`floor_images`, real training images as many as the samples, against the
-    test set), `precision_floor`/`recall_floor` (the same images, as samples) and
-    `memorization_threshold`.
+    """KID, precision and recall in each judge's space, and a 95 % interval for each, and for
+    FID and accuracy, of each sample set ({"uncond": (images, None), "cond": (images,
+    labels)}). Keys as `fid_*`: `kid_cond`, `kid_alt_cond`, `precision_cond`,
+    `recall_alt_uncond`, …, each `<name>_ci95: {low, high}`; `kid_floor` (`floor_images`,
+    real training images as many as the samples, against the test set) and
+    `precision_floor`/`recall_floor` (the same images, as samples).
 
     Precision and recall take as many test images as there are floor images as the real set
-    (k = PR_K); memorization compares with all of `train_images` (the model's training set).
-    Everything is drawn from a generator seeded with `seed`: the same samples give the same
-    numbers."""
+    (k = PR_K). Everything is drawn from a generator seeded with `seed`: the same samples
+    give the same numbers."""
     generator = torch.Generator().manual_seed(seed)
     metrics: dict[str, Any] = {}
     num_real = len(floor_images)
-    resamples = min(judge.resamples for judge in judges.values())
     for name, judge in judges.items():
         s = f"_{name}" if name else ""
         classifier = judge.classifier
@@ -429,12 +412,71 @@ def fidelity_metrics(
                 metrics[f"{metric}{s}_{kind}_ci95"] = ci95(fidelity.mean_ci(inside, generator, judge.resamples))
             if labels is not None:
                 metrics[f"{kind}_accuracy{s}_ci95"] = judge.accuracy_ci(images, labels, generator)
-    held_out = fidelity.nearest_distances(test_images[:num_real], train_images)
-    threshold = metrics["memorization_threshold"] = fidelity.memorization_threshold(held_out, MEMORIZATION_QUANTILE)
-    for kind, (images, _) in samples.items():
-        copies = fidelity.nearest_distances(images, train_images) < threshold
+    return metrics
+
+
+def memorization(
+    test_images: torch.Tensor,
+    train_images: torch.Tensor,
+    samples: dict[str, torch.Tensor],
+    num_real: int,
+    seed: int = 0,
+    resamples: int = RESAMPLES,
+    closest: int = 10,
+) -> tuple[dict, list[dict]]:
+    """Which samples ({"uncond": images, "cond": images}) are copies of a training image: the
+    share whose nearest training image (pixel L2, all of `train_images`) is closer than
+    `memorization_threshold`, the MEMORIZATION_QUANTILE of the first `num_real` held-out test
+    images' nearest-training-image distances (`memorized_<kind>`, with `_ci95`).
+
+    Also the `closest` samples of all sets nearest to a training image, closest first: rows of
+    model, sample (its index in its set), train_index, distance and copy (below the threshold)."""
+    generator = torch.Generator().manual_seed(seed)
+    held_out, _ = fidelity.nearest_neighbours(test_images[:num_real], train_images)
+    threshold = fidelity.memorization_threshold(held_out, MEMORIZATION_QUANTILE)
+    metrics: dict[str, Any] = {"memorization_threshold": threshold}
+    rows = []
+    for kind, images in samples.items():
+        distances, indices = fidelity.nearest_neighbours(images, train_images)
+        copies = distances < threshold
         metrics[f"memorized_{kind}"] = copies.double().mean().item()
         metrics[f"memorized_{kind}_ci95"] = ci95(fidelity.mean_ci(copies, generator, resamples))
+        rows += [
+            {"model": kind, "sample": i, "train_index": int(indices[i]), "distance": float(distances[i])}
+            for i in distances.argsort()[:closest].tolist()
+        ]
+    rows = sorted(rows, key=lambda row: row["distance"])[:closest]
+    return metrics, [{**row, "copy": row["distance"] < threshold} for row in rows]
+
+
+def classification_accuracy_score(
+    samples: ImageSet,
+    real: ImageSet,
+    test: ImageSet,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: torch.device,
+    resamples: int = RESAMPLES,
+) -> dict:
+    """Classification Accuracy Score (Ravuri & Vinyals 2019): the first judge's architecture
+    trained only on generated digits with the labels they were asked for, tested on real
+    ones (`cas_accuracy`), beside the same classifier trained the same way on as many real
+    images (`cas_accuracy_real`). Both runs share the recipe of `train_classifier`, `seed`
+    (the same initial weights and batch order) and the number of optimizer steps: only the
+    training images differ.
+
+    The `_ci95` intervals resample the test images (the classifier's own run-to-run spread
+    is not in them: docs/metrics.md measures it)."""
+    generator = torch.Generator().manual_seed(seed)
+    metrics: dict[str, Any] = {"cas_samples": len(samples)}
+    for key, images in (("cas_accuracy", samples), ("cas_accuracy_real", real)):
+        desc = "CAS classifier on " + ("generated" if images is samples else "real") + " digits"
+        classifier = train_classifier(images, epochs, batch_size, lr, seed, device, "vgg", desc)
+        correct = predict(classifier, test.images) == test.labels
+        metrics[key] = correct.double().mean().item()
+        metrics[f"{key}_ci95"] = ci95(fidelity.mean_ci(correct, generator, resamples))
     return metrics
 
 

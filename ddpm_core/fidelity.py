@@ -1,11 +1,13 @@
 """Beyond one FID: KID, precision and recall, memorization, and bootstrap intervals.
 
-Pure tensor functions over feature vectors (N, d) of one judge (`evaluation.ClassifierFeatures`)
-or over flattened pixels. The evaluate stage (through `evaluation.sample_set_metrics`) applies them
-to each model's samples against the real test set.
+Pure tensor functions over feature vectors (N, d) of one judge (`evaluation.judge_features`)
+or over flattened pixels. The evaluate stage (through `evaluation.FeatureFID`,
+`fidelity_metrics` and `memorization`) applies them to each model's samples against the
+real test set.
 
-- Fréchet distance: the FID formula on two feature sets, for resampling (the point estimate
-  itself stays torchmetrics' `FrechetInceptionDistance`, which it matches).
+- Fréchet distance: the FID formula on two feature sets; `FrechetReference` against a fixed
+  reference, fast enough to resample. Both equal torchmetrics' `FrechetInceptionDistance`
+  (tests/test_fidelity.py).
 - KID (Bińkowski et al. 2018): the unbiased squared MMD with the cubic polynomial kernel,
   averaged over random subsets, computed by torchmetrics' `poly_mmd` (the kernel of its
   `KernelInceptionDistance`); unbiased at small N, so its floor for real images is ≈ 0.
@@ -69,7 +71,7 @@ def kid(
     """Kernel Inception Distance: the mean over `subsets` random pairs of subsets (without
     replacement, `subset_size` each, at most the smaller set) of the unbiased MMD² with
     k(x, y) = (xᵀy / d + 1)³ — torchmetrics' `poly_mmd`, drawn from `generator`."""
-    from torchmetrics.image.kid import poly_mmd  # ~2 s import, as in evaluation.FeatureFID
+    from torchmetrics.image.kid import poly_mmd  # imported here: ~2 s, which most callers never need
 
     size = min(subset_size, len(real), len(fake))
     values = []
@@ -129,11 +131,15 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tupl
     return inside_manifold(fake, real, k), inside_manifold(real, fake, k)
 
 
-def nearest_distances(queries: torch.Tensor, reference: torch.Tensor, batch: int = 512) -> torch.Tensor:
+def nearest_neighbours(
+    queries: torch.Tensor, reference: torch.Tensor, batch: int = 512
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Distance from each query row to its nearest row of `reference` (pixels or features),
-    in float32: 1,000 images against MNIST's 60,000 training images is 94 GFLOP."""
+    in float32, and that row's index: 1,000 images against MNIST's 60,000 training images is
+    94 GFLOP."""
     reference = reference.flatten(1).float()
-    return torch.cat([torch.cdist(chunk.flatten(1).float(), reference).min(1).values for chunk in queries.split(batch)])
+    nearest = [torch.cdist(chunk.flatten(1).float(), reference).min(1) for chunk in queries.split(batch)]
+    return torch.cat([n.values for n in nearest]), torch.cat([n.indices for n in nearest])
 
 
 def memorization_threshold(held_out_distances: torch.Tensor, quantile: float = 0.01) -> float:

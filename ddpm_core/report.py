@@ -36,7 +36,21 @@ def _fidelity_rows(metrics: dict) -> list[tuple[str, str, str]]:
         ("recall, unconditional / conditional", _pair(metrics, "recall"), f"real images: {metrics['recall_floor']:.3f}; share of real digits inside the samples' manifold"),
         ("second judge: precision / recall, conditional", f"{metrics['precision_alt_cond']:.3f} / {metrics['recall_alt_cond']:.3f}", f"real images: {metrics['precision_alt_floor']:.3f} / {metrics['recall_alt_floor']:.3f}"),
         ("memorized, unconditional / conditional", _pair(metrics, "memorized"), f"nearest training image closer than {metrics['memorization_threshold']:.0f} (pixel L2): 1 % of held-out test digits are"),
+        *_cas_rows(metrics),
     ]  # fmt: skip
+
+
+def _cas_rows(metrics: dict) -> list[tuple[str, str, str]]:
+    if "cas_accuracy" not in metrics:
+        return []
+    real = f"{metrics['cas_accuracy_real']:.4f}{_ci(metrics, 'cas_accuracy_real', 4)}"
+    return [
+        (
+            "CAS: accuracy on real test digits of a classifier trained on generated ones",
+            f"{metrics['cas_accuracy']:.4f}{_ci(metrics, 'cas_accuracy', 4)}",
+            f"trained on {metrics['cas_samples']} real digits instead: {real}",
+        )
+    ]
 
 
 def _sweep_section(metrics: dict) -> list[str]:

@@ -120,3 +120,19 @@ def guidance_sweep_figure(rows: list[dict], fid_floor: float, num_samples: int) 
     for ax in (acc, fid):
         ax.grid(alpha=0.3)
     return fig
+
+
+def nearest_pairs_figure(pairs: list[tuple[np.ndarray, np.ndarray, str]]) -> Figure:
+    """Each generated image (uint8, H×W) above its nearest training image, one column per
+    pair, captioned (e.g. with the model and the pixel distance)."""
+    fig = _figure(1.2 * max(len(pairs), 1), 3.0)
+    for column, (sample, nearest, caption) in enumerate(pairs):
+        for row, (image, name) in enumerate(((sample, "sample"), (nearest, "nearest\ntraining image"))):
+            ax = fig.add_subplot(2, len(pairs), row * len(pairs) + column + 1)
+            ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+            ax.set_xticks([]), ax.set_yticks([])
+            if column == 0:
+                ax.set_ylabel(name, fontsize=8)
+            if row == 1:
+                ax.set_xlabel(caption, fontsize=7)
+    return fig

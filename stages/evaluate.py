@@ -6,8 +6,8 @@ FID a second opinion: `fid_alt_*` beside its own floor, and its own accuracy.
 Also the share of exact-zero pixels of both sample sets beside the real test images, and
 the total-variation distance between their pixel-intensity histograms (ddpm_core.pixels).
 Compares data/samples/uncond.npz and cond.npz with the MNIST test set in the feature
-space of models/evaluator.pt (torchmetrics' FrechetInceptionDistance with that network
-as `feature=`; nothing is downloaded), beside the real-data floor: the FID of
+space of models/evaluator.pt (the formula of torchmetrics' FrechetInceptionDistance with
+that network as `feature=`; nothing is downloaded), beside the real-data floor: the FID of
 `evaluate.num_samples` real training images. With `evaluate.guidance_sweep`, also the
 conditional accuracy and FID at each weight (metrics key `guidance_sweep`, beside its
 own floor for `evaluate.sweep_samples` images). Writes reports/metrics.json (DVC
@@ -18,16 +18,20 @@ import argparse
 import json
 from pathlib import Path
 
+import pandas as pd
+
 import common
+from ddpm_core import hardware
 from ddpm_core.config import Params
-from ddpm_core.data import dataset_record, load_images
+from ddpm_core.data import ImageSet, dataset_record, load_images
 from ddpm_core.evaluation import (
-    FeatureFID,
     FidelityJudge,
+    classification_accuracy_score,
     evaluate_guidance_sweep,
     evaluate_samples,
     fidelity_metrics,
     load_classifier,
+    memorization,
     sweep_rows,
 )
 from ddpm_core.files import write_text_atomic
@@ -35,9 +39,11 @@ from ddpm_core.generation import load_labelled_samples, load_samples, sweep_samp
 from ddpm_core.pixels import pixel_metrics
 
 SAMPLES = Path("data/samples")
+NEAREST = Path("reports/nearest_train.csv")  # the samples nearest a training image: plot draws them
 
 
 def run(params: Params) -> None:
+    device = hardware.pick_device()
     classifier = load_classifier(Path("models/evaluator.pt"), "vgg")
     judge_alt = load_classifier(Path("models/evaluator_alt.pt"), "residual")
     test = load_images(common.DATA, params.data.dataset, train=False)
@@ -48,7 +54,9 @@ def run(params: Params) -> None:
     sweep = {w: load_labelled_samples(sweep_samples_path(SAMPLES, w)) for w in ep.guidance_sweep}
     with common.stage_run("evaluate", params) as run:
         run.log_dataset(**dataset_record(common.DATA, params.data.dataset, test, False, None), context="evaluation")
-        fid, fid_alt = FeatureFID(classifier, test.images), FeatureFID(judge_alt, test.images)
+        # One pass over the test set per judge: its features are FID's and KID's reference.
+        judges = {"": FidelityJudge(classifier, test.images), "alt": FidelityJudge(judge_alt, test.images)}
+        fid, fid_alt = judges[""], judges["alt"]
         metrics = evaluate_samples(
             classifier, fid, real.images[: ep.num_samples],
             uncond, cond, cond_labels,
@@ -57,14 +65,24 @@ def run(params: Params) -> None:
             evaluate_samples(judge_alt, fid_alt, real.images[: ep.num_samples], uncond, cond, cond_labels, judge="alt")
         )
         metrics.update(pixel_metrics(uncond, cond, test.images[: ep.num_samples]))
-        judges = {"": FidelityJudge(classifier, test.images), "alt": FidelityJudge(judge_alt, test.images)}
-        training = load_images(common.DATA, params.data.dataset, train=True, subset=params.data.train_subset)
         metrics.update(
             fidelity_metrics(
-                judges, test.images, real.images[: ep.num_samples], training.images,
-                {"uncond": (uncond, None), "cond": (cond, cond_labels)},
+                judges, real.images[: ep.num_samples], {"uncond": (uncond, None), "cond": (cond, cond_labels)}
             )
-        )  # fmt: skip
+        )
+        training = load_images(common.DATA, params.data.dataset, train=True, subset=params.data.train_subset)
+        copied, closest = memorization(test.images, training.images, {"uncond": uncond, "cond": cond}, ep.num_samples)
+        metrics.update(copied)
+        write_text_atomic(NEAREST, pd.DataFrame(closest).to_csv(index=False))
+        if ep.cas_samples:
+            n, ev = ep.cas_samples, params.evaluator
+            generated = ImageSet(cond[:n], cond_labels[:n])
+            real_n = ImageSet(real.images[:n], real.labels[:n])
+            metrics.update(
+                classification_accuracy_score(
+                    generated, real_n, test, ep.cas_epochs, ev.batch_size, ev.lr, ev.seed, device
+                )
+            )
         if sweep:
             metrics["guidance_sweep"] = evaluate_guidance_sweep(
                 classifier, fid, real.images, sweep, fid_alt, intervals=(judges, 0)
@@ -96,6 +114,11 @@ def run(params: Params) -> None:
             f"(real {metrics['precision_floor']:.3f}, {metrics['recall_floor']:.3f}), "
             f"memorized {metrics[f'memorized_{kind}']:.1%}; FID 95 % interval "
             f"[{metrics[f'fid_{kind}_ci95']['low']:.2f}, {metrics[f'fid_{kind}_ci95']['high']:.2f}]"
+        )
+    if ep.cas_samples:
+        print(
+            f"evaluate: CAS (a classifier trained on {ep.cas_samples} generated digits, tested on real ones) "
+            f"{metrics['cas_accuracy']:.4f}; trained on as many real digits {metrics['cas_accuracy_real']:.4f}"
         )
     print(
         f"evaluate: exact-zero pixels uncond {metrics['zero_pixels_uncond']:.1%}, cond {metrics['zero_pixels_cond']:.1%} "

@@ -1,7 +1,8 @@
 """Stage plot: figures and reports/report.md, also logged to the parent MLflow run.
 
 Writes to reports/figures/: loss.png (both models), samples.png (generated grids),
-real_vs_generated.png, per_class_accuracy.png, class_fractions.png, guidance_sweep.png
+real_vs_generated.png, per_class_accuracy.png, class_fractions.png, nearest_training.png
+(the ten generated digits nearest a training image, each above it), guidance_sweep.png
 (when evaluate.guidance_sweep is set; its table in reports/guidance_sweep.csv), and denoising.gif
 (the conditional model drawing four of each digit, from noise to digits, with the
 `sample` params' sampler, steps and guidance); a per-class table
@@ -29,7 +30,15 @@ from ddpm_core.generation import load_labelled_samples, load_samples, load_unet,
 from ddpm_core.prompts import class_labels
 from ddpm_core.report import render_report
 from ddpm_core.seeding import derived_seed, seed_everything
-from ddpm_core.viz import class_rows_grid, grid_figure, guidance_sweep_figure, image_grid, loss_curves, per_class_bars
+from ddpm_core.viz import (
+    class_rows_grid,
+    grid_figure,
+    guidance_sweep_figure,
+    image_grid,
+    loss_curves,
+    nearest_pairs_figure,
+    per_class_bars,
+)
 
 REPORTS = Path("reports")
 FIGURES = REPORTS / "figures"
@@ -104,6 +113,16 @@ def run(params: Params) -> None:
                 ),
             ),
         }
+        train_set = load_images(common.DATA, params.data.dataset, train=True, subset=params.data.train_subset)
+        samples = {"uncond": uncond, "cond": cond}
+        pairs = [
+            (samples[r["model"]][r["sample"], 0].numpy(), train_set.images[r["train_index"], 0].numpy(), f"{r['model']} {r['distance']:.0f}")
+            for r in pd.read_csv(REPORTS / "nearest_train.csv").to_dict("records")
+        ]  # fmt: skip
+        figures["Generated digits nearest a training image (pixel L2 distance under each)"] = (
+            "nearest_training.png",
+            nearest_pairs_figure(pairs),
+        )
         sweep = sweep_rows(metrics)
         if sweep:
             floor, n = metrics["guidance_sweep"]["fid_floor"], metrics["guidance_sweep"]["num_samples"]

@@ -28,7 +28,7 @@ TINY = {
     "model": {"channels": [16, 32], "attention_heads": 2},
     "train": {"batch_size": 64, "warmup_steps": 2, "preview_steps": 3, "log_every": 2, "preview_every": 3},
     "sample": {"steps": 5, "batch_size": 100},
-    "evaluate": {"num_samples": 20, "guidance_sweep": [0, 3], "sweep_samples": 10},
+    "evaluate": {"num_samples": 20, "guidance_sweep": [0, 3], "sweep_samples": 10, "cas_samples": 20, "cas_epochs": 1},
     "evaluator": {"epochs": 1, "train_subset": 1000},
     "evaluator_alt": {"epochs": 1, "train_subset": 1000},
 }

@@ -93,6 +93,17 @@ def test_guidance_sweep_weights_are_non_negative_and_distinct():
     assert "evaluate.sweep_samples = 5" in error_of(evaluate={"sweep_samples": 5})
 
 
+def test_cas_samples_come_from_the_judged_samples():
+    message = error_of(evaluate={"num_samples": 100, "cas_samples": 200})
+    assert message == (
+        "params.yaml: evaluate: cas_samples (200) must be at most num_samples (100): the CAS classifier "
+        "trains on the conditional samples the stage judges; raise num_samples too"
+    )
+    assert "cas_samples (5) must be 0 (no CAS) or at least 10" in error_of(evaluate={"cas_samples": 5})
+    assert "evaluate.cas_epochs = 0" in error_of(evaluate={"cas_epochs": 0})
+    parse_params(tiny_raw(evaluate={"cas_samples": 0}))  # no CAS
+
+
 def test_last_timestep_must_leave_room_for_every_step():
     assert "sample.t_min = -1: Input should be greater than or equal to 0" in error_of(sample={"t_min": -1})
     message = error_of(sample={"steps": 10, "t_min": 991})

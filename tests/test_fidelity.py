@@ -17,7 +17,7 @@ from ddpm_core.fidelity import (
     knn_radii,
     mean_ci,
     memorization_threshold,
-    nearest_distances,
+    nearest_neighbours,
     precision_recall,
 )
 
@@ -62,7 +62,9 @@ def test_frechet_distance_matches_torchmetrics_fid():
     metric = FrechetInceptionDistance(feature=Identity())
     metric.update(real, real=True)
     metric.update(fake, real=False)
-    assert frechet_distance(real, fake) == pytest.approx(metric.compute().item(), rel=1e-4)
+    expected = metric.compute().item()
+    assert frechet_distance(real, fake) == pytest.approx(expected, rel=1e-4)
+    assert FrechetReference(real).distance(fake) == pytest.approx(expected, rel=1e-4)
 
 
 def test_kid_matches_torchmetrics_and_is_unbiased():
@@ -108,12 +110,14 @@ def test_precision_recall_controls():
 def test_memorization_controls():
     train = clusters(2000, ALL, 11)
     held_out = clusters(500, ALL, 12)
-    threshold = memorization_threshold(nearest_distances(held_out, train), quantile=0.01)
+    threshold = memorization_threshold(nearest_neighbours(held_out, train)[0], quantile=0.01)
     assert threshold > 0
-    copies = train[torch.randperm(2000, generator=torch.Generator().manual_seed(0))[:300]]
-    assert (nearest_distances(copies, train) < threshold).float().mean().item() == 1.0
+    picked = torch.randperm(2000, generator=torch.Generator().manual_seed(0))[:300]
+    distances, indices = nearest_neighbours(train[picked], train, batch=128)  # several batches
+    assert (distances < threshold).float().mean().item() == 1.0
+    assert torch.equal(indices, picked)  # each copy's nearest training point is its source
     new = clusters(500, ALL, 13)
-    assert (nearest_distances(new, train) < threshold).float().mean().item() < 0.05
+    assert (nearest_neighbours(new, train)[0] < threshold).float().mean().item() < 0.05
 
 
 def test_bootstrap_interval_contains_the_estimate_and_narrows_with_n():

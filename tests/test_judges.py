@@ -74,7 +74,7 @@ def test_kid_precision_recall_and_memorization_controls(judges, mnist):
     """The issue's controls, in both judges' spaces: real digits score like real digits,
     copies of training images are flagged, noise has no precision, three digits of ten
     keep precision and lose recall."""
-    from ddpm_core.evaluation import FidelityJudge, fidelity_metrics
+    from ddpm_core.evaluation import FidelityJudge, fidelity_metrics, memorization
 
     train, test = mnist
     n = 400
@@ -90,7 +90,9 @@ def test_kid_precision_recall_and_memorization_controls(judges, mnist):
         "": FidelityJudge(judges["vgg"], test.images),
         "alt": FidelityJudge(judges["residual"], test.images),
     }
-    m = fidelity_metrics(fidelity_judges, test.images, train.images[30_000 : 30_000 + n], train.images, samples)
+    m = fidelity_metrics(fidelity_judges, train.images[30_000 : 30_000 + n], samples)
+    copied, closest = memorization(test.images, train.images, {k: v[0] for k, v in samples.items()}, n)
+    m.update(copied)
     for s in ("", "_alt"):
         # real digits: KID ≈ 0 (far below three digits of ten), precision and recall like the floor's
         assert abs(m[f"kid{s}_real"]) < 0.1 * m[f"kid{s}_three"]
@@ -106,5 +108,32 @@ def test_kid_precision_recall_and_memorization_controls(judges, mnist):
                 assert low <= m[f"{name}{s}_real"] <= high
     assert m["memorized_copies"] == 1.0
     assert m["memorized_real"] < 0.05 and m["memorized_three"] < 0.05 and m["memorized_noise"] == 0.0
+    # the ten samples nearest a training image are copies, each beside its own source
+    assert len(closest) == 10 and all(row["model"] == "copies" and row["copy"] for row in closest)
+    for row in closest:  # (MNIST may hold a digit twice: compare pixels, not indices)
+        assert row["distance"] == 0 and torch.equal(train.images[row["train_index"]], train.images[row["sample"]])
     low, high = m["real_accuracy_ci95"]["low"], m["real_accuracy_ci95"]["high"]
     assert 0.9 < low < high <= 1.0
+
+
+def test_classification_accuracy_score_controls(mnist):
+    """CAS against known answers: real digits given as the samples score exactly what the
+    real-trained classifier scores (same recipe, seed and images); the right digits with
+    every label moved to the next class train a classifier that is wrong on nearly all
+    real digits."""
+    from ddpm_core.data import ImageSet
+    from ddpm_core.evaluation import classification_accuracy_score
+
+    train, test = mnist
+    n = 300
+    real = ImageSet(train.images[:n], train.labels[:n])
+    held_out_test = ImageSet(test.images[:2000], test.labels[:2000])
+    recipe = dict(epochs=5, batch_size=64, lr=3e-3, seed=0, device=torch.device("cpu"), resamples=50)
+    same = classification_accuracy_score(real, real, held_out_test, **recipe)
+    assert same["cas_samples"] == n
+    assert same["cas_accuracy"] == same["cas_accuracy_real"] > 0.7
+    low, high = same["cas_accuracy_ci95"]["low"], same["cas_accuracy_ci95"]["high"]
+    assert low <= same["cas_accuracy"] <= high and high - low < 0.06
+    shifted = ImageSet(train.images[n : 2 * n], (train.labels[n : 2 * n] + 1) % 10)
+    wrong = classification_accuracy_score(shifted, real, held_out_test, **recipe)
+    assert wrong["cas_accuracy"] < 0.1 < 0.7 < wrong["cas_accuracy_real"]

@@ -11,6 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import MIRROR, TINY_PIPELINE, run, tiny_raw
+from ddpm_core.data import load_images
 from ddpm_core.tracking import EXPERIMENT
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not MIRROR.is_dir(), reason=f"no MNIST mirror at {MIRROR}")]
@@ -29,6 +30,7 @@ METRICS = {
     *(f"{name}{s}_{kind}{ci}" for name in ("fid", "kid", "precision", "recall") for s in ("", "_alt")
       for kind in ("uncond", "cond") for ci in ("", "_ci95")),
     *(f"memorized_{kind}{ci}" for kind in ("uncond", "cond") for ci in ("", "_ci95")),
+    "cas_samples", "cas_accuracy", "cas_accuracy_ci95", "cas_accuracy_real", "cas_accuracy_real_ci95",
 }  # fmt: skip
 
 
@@ -132,8 +134,24 @@ def test_repro_lands_outputs_metrics_and_one_parent_run(tiny_pipeline, tmp_path)
     assert parent_runs(client)[0].data.metrics["cond_accuracy_per_class.3"] == pytest.approx(
         metrics["cond_accuracy_per_class"]["3"]
     )
+    # CAS: trained on the first cas_samples conditional samples, beside as many real digits
+    assert metrics["cas_samples"] == params["evaluate"]["cas_samples"]
+    assert 0 <= metrics["cas_accuracy"] <= 1 and 0 <= metrics["cas_accuracy_real"] <= 1
+    # The ten samples nearest a training image (of the 2 × n), closest first, in the figure
+    nearest = list(csv.DictReader((project_clone / "reports" / "nearest_train.csv").open()))
+    assert len(nearest) == 10 and {r["model"] for r in nearest} <= {"uncond", "cond"}
+    distances = [float(r["distance"]) for r in nearest]
+    assert distances == sorted(distances) and all(0 <= int(r["sample"]) < n for r in nearest)
+    training = load_images(
+        project_clone / "data" / "dataset", "mnist", train=True, subset=params["data"]["train_subset"]
+    )
+    first = nearest[0]
+    with np.load(project_clone / "data" / "samples" / f"{first['model']}.npz") as f:
+        sample = torch.from_numpy(f["images"][int(first["sample"])]).float()
+    pixel_l2 = (sample - training.images[int(first["train_index"]), 0].float()).norm().item()
+    assert pixel_l2 == pytest.approx(distances[0], rel=1e-4)
     figures = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
-    assert {"figures/loss.png", "figures/samples.png", "figures/per_class_accuracy.png"} <= figures
+    assert {"figures/loss.png", "figures/samples.png", "figures/nearest_training.png"} <= figures
     # The guidance sweep: its own samples, scores, table, figure and MLflow metrics.
     sweep = metrics["guidance_sweep"]
     assert (
