@@ -16,8 +16,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 run: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
 
+# Two test processes (pytest-xdist), each taking whole files: most of the suite is
+# single-threaded Python (imports, DVC, MLflow) in subprocesses, so two keep both cores busy.
 test: lint
-	PATH="$(CURDIR)/$(BIN):$$PATH" python -m pytest
+	PATH="$(CURDIR)/$(BIN):$$PATH" python -m pytest -n 2 --dist loadfile
 
 # The house rules, configured in pyproject.toml: ruff's lint and format, mypy's types.
 # `make format` rewrites what `ruff format --check` would refuse.

@@ -113,7 +113,7 @@ def render_report(
         (
             "unconditional: largest class deviation",
             f"{metrics['uncond_max_class_deviation']:.4f}",
-            "max |fraction − 0.1|",
+            "largest distance of a class's share from 0.1",
         ),
         (
             "exact-zero pixels, unconditional / conditional",
