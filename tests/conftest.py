@@ -21,6 +21,23 @@ MIRROR = Path(os.environ.get("DDPM_DATA_MIRROR", ROOT.parent / "shared" / "data"
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
+# `make test` runs two pytest-xdist workers that take whole files (`--dist loadfile`) in
+# collection order. The files that take minutes go first, longest first, so that neither
+# worker ends the run alone on a long file while the other idles.
+LONGEST_FIRST = [
+    "test_reproducibility.py", "test_faults.py", "test_docs.py", "test_mlflow_ui.py", "test_judges.py",
+    "test_submission.py", "test_generate.py", "test_fashion.py", "test_pipeline.py",
+]  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file keeps its own order
+
+
 # Small enough for seconds on a CPU, large enough to exercise every code path.
 TINY = {
     "epochs": 1,
