@@ -18,8 +18,10 @@ run: setup
 
 # Two test processes (pytest-xdist), each taking whole files: most of the suite is
 # single-threaded Python (imports, DVC, MLflow) in subprocesses, so two keep both cores busy.
+# Files go out in collection order (tests/conftest.py puts the longest first), not
+# xdist's default of the files with the most tests first.
 test: lint
-	PATH="$(CURDIR)/$(BIN):$$PATH" python -m pytest -n 2 --dist loadfile
+	PATH="$(CURDIR)/$(BIN):$$PATH" python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 # The house rules, configured in pyproject.toml: ruff's lint and format, mypy's types.
 # `make format` rewrites what `ruff format --check` would refuse.
