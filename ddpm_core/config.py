@@ -71,6 +71,17 @@ class TrainParams(_Section):
     preview_guidance: float = Field(ge=0.0)
     log_every: int = Field(ge=1)  # optimizer steps between points of the loss curves
     preview_every: int = Field(ge=1)  # optimizer steps between sample grids
+    # Training processes (torch.distributed): each trains on its rows of every batch.
+    processes: int = Field(ge=1, le=1024)
+
+    @model_validator(mode="after")
+    def _a_row_for_every_process(self) -> TrainParams:
+        if self.processes > self.batch_size:
+            raise ValueError(
+                f"train.processes ({self.processes}) must be at most train.batch_size ({self.batch_size}): "
+                "each process trains on its share of every batch"
+            )
+        return self
 
 
 class TrainCondParams(_Section):

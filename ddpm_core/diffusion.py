@@ -111,16 +111,21 @@ def diffusion_loss_terms(
     prediction: str = "eps",
     min_snr_gamma: float | None = None,
     offset_noise: float = 0.0,
+    global_batch: int | None = None,
+    rows: slice = slice(None),
 ) -> LossTerms:
     """‖target − net(x_t, t)‖², target ε (Ho et al.'s simple loss) or v, averaged over the
     batch, with t uniform over all T steps and each sample weighted by `min_snr_weights`
     when `min_snr_gamma` is set.
 
     Timesteps and noise are drawn from `generator` on the CPU, so a run is reproducible
-    on any device.
+    on any device. In a process that trains on `rows` of a `global_batch` (torch.distributed,
+    `x0` holds only those rows) they are drawn for the whole global batch and sliced: every
+    process draws alike, and the rows get the noise they would get in a single process.
     """
-    index = torch.randint(0, schedule.timesteps, (x0.shape[0],), generator=generator)
-    noise = draw_noise(tuple(x0.shape), generator, offset_noise).to(x0.device)
+    n = x0.shape[0] if global_batch is None else global_batch
+    index = torch.randint(0, schedule.timesteps, (n,), generator=generator)[rows]
+    noise = draw_noise((n, *x0.shape[1:]), generator, offset_noise)[rows].to(x0.device)
     t = index.to(x0.device)
     xt = q_sample(schedule, x0, t, noise)
     output = model(xt, t, labels).float()
@@ -129,7 +134,9 @@ def diffusion_loss_terms(
     with torch.no_grad():
         eps_hat = x0_and_eps(_per_sample(schedule.alpha_bars, t, output), xt.float(), output, prediction)[1]
         eps_mse = (eps_hat - noise).pow(2).flatten(1).mean(1)
-    if min_snr_gamma is None:
+    if per_sample.numel() == 0:  # an empty share of a global batch (torch.distributed): no loss, no gradient
+        loss = per_sample.sum()
+    elif min_snr_gamma is None:
         loss = per_sample.mean()
     else:
         loss = (min_snr_weights(schedule, index, min_snr_gamma, prediction).to(x0.device) * per_sample).mean()

@@ -28,6 +28,7 @@ from ddpm_core import hardware
 from ddpm_core.config import Params, TrainParams
 from ddpm_core.data import NUM_CLASSES, ImageSet, to_model_range
 from ddpm_core.diffusion import LossTerms, diffusion_loss_terms
+from ddpm_core.distributed import World, wrap
 from ddpm_core.ema import make_ema
 from ddpm_core.errors import TrainingError
 from ddpm_core.files import load_safe, save_atomic
@@ -64,7 +65,8 @@ class TrainResult:
 @dataclass
 class Optimization:
     """Everything the optimisation updates besides the data order: the network, its EMA,
-    AdamW, the LR schedule and the fp16 loss scaler. Checkpointed as one dict."""
+    AdamW, the LR schedule and the fp16 loss scaler. Checkpointed as one dict. `net` is
+    what the forward pass runs: the network itself, or it inside DistributedDataParallel."""
 
     model: torch.nn.Module
     ema: torch.optim.swa_utils.AveragedModel
@@ -72,6 +74,7 @@ class Optimization:
     scheduler: LambdaLR
     scaler: torch.amp.GradScaler
     grad_clip: float
+    net: torch.nn.Module | None = None
 
     @classmethod
     def build(
@@ -127,14 +130,19 @@ def train_step(
     generator: torch.Generator,
     autocast: Callable[[], AbstractContextManager],
     objective: Objective,
+    global_batch: int | None = None,
+    rows: slice = slice(None),
 ) -> StepStats:
     """One optimisation step on a batch; returns its loss terms and gradient norm.
 
     `objective` (from `Objective.of(params)`) is required so that no caller (the
-    benchmark, say) trains a different objective from the pipeline's by leaving it out."""
+    benchmark, say) trains a different objective from the pipeline's by leaving it out.
+    Under torch.distributed `x0` and `labels` are this process's `rows` of a batch of
+    `global_batch`: its loss is scaled so that DDP's mean of the gradients over the
+    processes is the gradient of the global batch's mean loss."""
     with autocast():
         terms = diffusion_loss_terms(
-            opt.model,
+            opt.net or opt.model,
             schedule,
             x0,
             labels,
@@ -142,9 +150,15 @@ def train_step(
             objective.prediction,
             objective.min_snr_gamma,
             objective.offset_noise,
+            global_batch,
+            rows,
         )
     opt.optimizer.zero_grad(set_to_none=True)
-    opt.scaler.scale(terms.loss).backward()
+    loss = terms.loss
+    if global_batch is not None and opt.net is not opt.model and opt.net is not None:
+        share = x0.shape[0] * torch.distributed.get_world_size() / global_batch
+        loss = loss * share  # DDP divides the summed gradients by the world size
+    opt.scaler.scale(loss).backward()
     opt.scaler.unscale_(opt.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(opt.model.parameters(), opt.grad_clip)
     opt.scaler.step(opt.optimizer)
@@ -165,6 +179,7 @@ class CurveMeter:
             for lo in range(0, timesteps, self.width)
         ]
         self.device = device
+        self.taken_images = 0.0
         self._reset()
 
     def _reset(self) -> None:
@@ -182,9 +197,17 @@ class CurveMeter:
         self.bucket_sum += torch.bincount(bucket, weights=stats.terms.eps_mse.float(), minlength=len(self.names))
         self.bucket_count += torch.bincount(bucket, minlength=len(self.names)).float()
 
-    def take(self) -> dict[str, float]:
-        """The means since the last call (one host sync), then start again. A noise-level
-        range no sample fell into is left out."""
+    def take(self, world: World | None = None) -> dict[str, float]:
+        """The means since the last call (one host sync), over all processes of `world`,
+        then start again. A noise-level range no sample fell into is left out."""
+        if world is not None and world.size > 1:
+            totals = world.sum(
+                torch.cat([torch.stack([self.loss, self.images, self.grad]), self.bucket_sum, self.bucket_count])
+            )
+            self.loss, self.images, self.grad = totals[0], totals[1], totals[2] / world.size
+            k = len(self.names)
+            self.bucket_sum, self.bucket_count = totals[3 : 3 + k], totals[3 + k :]
+        self.taken_images = float(self.images.item())  # of all processes: for images/s
         values = {"loss": (self.loss / self.images).item(), "grad_norm": (self.grad / max(1, self.steps)).item()}
         sums, counts = self.bucket_sum.tolist(), self.bucket_count.tolist()
         values.update(
@@ -260,6 +283,7 @@ def train_diffusion(
     tracker: Tracker | None = None,
     name: str = "train",
     device: torch.device | None = None,
+    world: World | None = None,
 ) -> TrainResult:
     """Train the network on `data` for `params.epochs` epochs and return the EMA weights.
 
@@ -273,7 +297,12 @@ def train_diffusion(
     the curve so far) goes to `resume_path`; a later call with the same params continues
     from there, logs the saved curve to its tracker again (so its run has the whole of
     it), and ends with the same bytes as an uninterrupted run.
+
+    In a `world` of several processes (torch.distributed, process group joined) each
+    trains on its rows of every batch; all get the same weights back, only rank 0 saves
+    checkpoints and shows progress, and a `tracker` belongs on rank 0 alone.
     """
+    world = world or World()
     device = device or hardware.pick_device()
     tp = params.train
     generator = seed_everything(params.seed)
@@ -285,6 +314,8 @@ def train_diffusion(
     steps_per_epoch = math.ceil(len(data) / tp.batch_size)
     total_steps = steps_per_epoch * params.epochs
     opt = Optimization.build(model, tp, total_steps, precision, device)
+    opt.net = wrap(model, world, device)
+    distributed = world.size > 1
     objective = Objective.of(params)
     fingerprint = run_fingerprint(params, conditional)
     result = TrainResult(ema_state_dict={}, precision=precision, device=str(device))
@@ -302,7 +333,8 @@ def train_diffusion(
             result.curve = state["curve"]
             start_epoch = state["epoch"] + 1
             result.resumed_after_epoch = state["epoch"]
-            print(f"{name}: resuming after epoch {state['epoch']} from {resume_path}", flush=True)
+            if world.is_main:
+                print(f"{name}: resuming after epoch {state['epoch']} from {resume_path}", flush=True)
             if tracker is not None:
                 for row in result.curve:
                     tracker.log_metrics(
@@ -330,22 +362,26 @@ def train_diffusion(
             unit="step",
             mininterval=1.0,
             dynamic_ncols=True,
+            disable=not world.is_main,
         )
         for step in bar:
             global_step = (epoch - 1) * steps_per_epoch + step + 1
             idx = order[step * tp.batch_size : (step + 1) * tp.batch_size]
-            x0 = to_model_range(images[idx]).to(device)
+            rows = world.rows(len(idx))  # all of them in a single process
+            x0 = to_model_range(images[idx[rows]]).to(device)
             y = None
             if conditional:
                 drop = torch.rand(len(idx), generator=generator) < params.train_cond.p_uncond
-                y = labels[idx].masked_fill(drop, null_class).to(device)
-            stats = train_step(opt, schedule, x0, y, generator, autocast, objective)
+                y = labels[idx].masked_fill(drop, null_class)[rows].to(device)
+            stats = train_step(
+                opt, schedule, x0, y, generator, autocast, objective, len(idx) if distributed else None, rows
+            )
             loss = stats.terms.loss
-            loss_sum += loss * len(idx)
+            loss_sum += loss * x0.shape[0]
             meter.add(stats)
             if step % PROGRESS_EVERY == 0 or step == steps_per_epoch - 1:
                 # The host sync of the step loop: progress, and a check for divergence.
-                if not math.isfinite(loss_sum.item()):
+                if not math.isfinite(world.sum(loss_sum.clone()).item()):
                     bar.close()
                     last = f"{resume_path} (epoch {epoch - 1})" if epoch > 1 else "none (first epoch)"
                     raise TrainingError(
@@ -358,8 +394,8 @@ def train_diffusion(
                 # Also at each epoch's end, so that a run resumed from an epoch's checkpoint
                 # logs the very points of an uninterrupted one.
                 now = time.perf_counter()
-                images_seen = meter.images.item()
-                point = meter.take()
+                point = meter.take(world)
+                images_seen = meter.taken_images
                 point["lr"] = float(opt.scheduler.get_last_lr()[0])
                 point["images_per_s"] = images_seen / max(now - interval_started, 1e-9)
                 result.curve.append({"step": global_step, "epoch": epoch, **point})
@@ -378,7 +414,7 @@ def train_diffusion(
         bar.close()
 
         seconds = time.perf_counter() - started - preview_seconds
-        mean_loss = loss_sum.item() / len(data)
+        mean_loss = world.sum(loss_sum).item() / len(data)
         result.losses.append(mean_loss)
         result.images_per_s.append(len(data) / seconds)
         result.epoch_seconds.append(seconds)
@@ -388,6 +424,8 @@ def train_diffusion(
                 step=epoch,
             )
 
+        if not world.is_main:
+            continue
         save_atomic(
             {
                 "fingerprint": fingerprint,

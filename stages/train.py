@@ -11,6 +11,11 @@ dataset. The EMA weights become an MLflow logged model (a pyfunc that draws imag
 new version of the registered model ddpm-mnist-<kind>, tagged with the DVC experiment and
 the git revision. An interrupted run resumes from
 its last completed epoch when started again with the same params.
+
+With `train.processes` = N > 1 the stage starts N workers through torch.distributed's
+elastic launcher (gloo on the CPU, NCCL with one GPU each on CUDA); started under a
+user's `torchrun` it joins that world (RANK, WORLD_SIZE) instead. Rank 0 alone logs,
+checkpoints and writes; the run's tag `world_size` records how many trained.
 """
 
 import argparse
@@ -18,9 +23,13 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 import common
+from ddpm_core import hardware
 from ddpm_core.config import Params
-from ddpm_core.data import dataset_record, load_images
+from ddpm_core.data import ImageSet, dataset_record, load_images
+from ddpm_core.distributed import World, check_processes, join, launch, leave
 from ddpm_core.files import save_atomic, write_text_atomic
 from ddpm_core.tracking import registered_name
 from ddpm_core.train import CURVE_COLUMNS, run_fingerprint, train_diffusion
@@ -31,13 +40,40 @@ def run(params: Params, kind: str) -> None:
     conditional = kind == "cond"
     data = load_images(common.DATA, params.data.dataset, train=True, subset=params.data.train_subset)
     resume_path = common.resume_dir() / f"{stage}-{run_fingerprint(params, conditional)}.pt"
+    world = World.from_environment()
+    if world.size == 1 and params.train.processes > 1:
+        # Start the workers through PyTorch's launcher; each runs this script again.
+        check_processes(params.train.processes)
+        launch(params.train.processes, [str(Path(__file__).resolve()), kind], stage)
+        return
+    if world.size > 1:
+        device = world.device() or hardware.pick_device()
+        join(world, device)
+        try:
+            if not world.is_main:  # rank 0 logs, checkpoints and writes; the others only train
+                train_diffusion(data, params, conditional, resume_path, name=stage, device=device, world=world)
+                return
+            train_and_record(params, kind, data, resume_path, device, world)
+        finally:
+            leave()
+        return
+    train_and_record(params, kind, data, resume_path, None, world)
+
+
+def train_and_record(
+    params: Params, kind: str, data: ImageSet, resume_path: Path, device: torch.device | None, world: World
+) -> None:
+    stage = f"train_{kind}"
+    conditional = kind == "cond"
     with common.stage_run(stage, params) as run:
         run.check_registry(kind)  # a registry name clash stops us before training, not after
         run.log_dataset(
             **dataset_record(common.DATA, params.data.dataset, data, True, params.data.train_subset), context="training"
         )
         try:
-            result = train_diffusion(data, params, conditional, resume_path, tracker=run, name=stage)
+            result = train_diffusion(
+                data, params, conditional, resume_path, tracker=run, name=stage, device=device, world=world
+            )
         except KeyboardInterrupt:
             if resume_path.exists():
                 print(
@@ -64,7 +100,12 @@ def run(params: Params, kind: str) -> None:
             }
         )
         run.set_tags(
-            {"precision": result.precision, "device": result.device, "resumed_after_epoch": result.resumed_after_epoch}
+            {
+                "precision": result.precision,
+                "device": result.device,
+                "resumed_after_epoch": result.resumed_after_epoch,
+                "world_size": world.size,  # training processes (train.processes, or torchrun's WORLD_SIZE)
+            }
         )
         run.log_artifact(weights, "checkpoint")
         model_id, version = run.log_model(
