@@ -10,7 +10,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -r requirements.txt -e '.[dev,team]'
 	touch $@
 
 run: setup

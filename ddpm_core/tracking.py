@@ -49,7 +49,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT, 
 
 from ddpm_core.config import flatten
 from ddpm_core.environment import sha256_file
-from ddpm_core.errors import RegistryError, TrackingError
+from ddpm_core.errors import DDPMError, RegistryError, TrackingError
 
 # MLflow announces at INFO level that it creates or migrates its tables; stages stay quiet.
 for _name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
@@ -123,24 +123,59 @@ class _PatientClient:
         return patiently
 
 
-def _connect(root: Path) -> tuple[_PatientClient, str]:
-    """A client and the project's experiment id, or a TrackingError saying what is wrong."""
-    uri = tracking_uri(root)
+def _shown(uri: str) -> str:
+    """A store URI as it may be printed: without a password."""
+    if "://" in uri and "@" in uri.split("://", 1)[1]:
+        with contextlib.suppress(Exception):
+            from sqlalchemy.engine import make_url
+
+            return make_url(uri).render_as_string(hide_password=True)
+    return uri
+
+
+def _unreachable(uri: str) -> str | None:
+    """Why the tracking server or database of `uri` can't be reached now; None if it can
+    (or if it is a file store, which has nothing to reach)."""
     if uri.startswith(("http://", "https://")):
         try:
             requests.get(uri.rstrip("/") + "/health", timeout=10).raise_for_status()
         except requests.RequestException as exc:
-            raise TrackingError(
-                f"MLflow server {uri} (MLFLOW_TRACKING_URI) is unreachable: {type(exc).__name__}; "
-                "start it, or unset MLFLOW_TRACKING_URI to use the project's own store"
-            ) from None
+            return f"MLflow server {uri} (MLFLOW_TRACKING_URI) is unreachable: {type(exc).__name__}"
+        return None
+    if uri.startswith(("postgresql", "mysql", "mssql")):
+        from sqlalchemy.engine import make_url
+
+        url = make_url(uri)
+        host, port = (
+            url.host or "localhost",
+            url.port or {"postgresql": 5432, "mysql": 3306}.get(url.get_backend_name(), 1433),
+        )
+        try:
+            socket.create_connection((host, port), timeout=10).close()
+        except OSError as exc:
+            name = {"postgresql": "PostgreSQL", "mysql": "MySQL"}.get(url.get_backend_name(), "database")
+            return f"{name} at {host}:{port} (MLFLOW_TRACKING_URI {_shown(uri)}) is unreachable: {exc.strerror or type(exc).__name__}"
+    return None
+
+
+def _connect(root: Path) -> tuple[_PatientClient, str]:
+    """A client and the project's experiment id, or a TrackingError saying what is wrong."""
+    uri = tracking_uri(root)
+    why = _unreachable(uri)
+    if why:
+        raise TrackingError(f"{why}; start it, or unset MLFLOW_TRACKING_URI to use the project's own store")
     try:
         with _store_creation_lock(uri):
             client = _PatientClient(uri)
             return client, _experiment_id(client, root)
+    except ModuleNotFoundError as exc:
+        raise TrackingError(
+            f"MLflow store {_shown(uri)} needs the Python package {exc.name!r}: "
+            "pip install -e '.[team]' (the PostgreSQL driver psycopg)"
+        ) from None
     except Exception as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TrackingError(f"MLflow store {uri}: {first_line}") from None
+        raise TrackingError(f"MLflow store {_shown(uri)}: {first_line}") from None
 
 
 def _sqlite_path(uri: str) -> str:
@@ -406,6 +441,12 @@ def stage_run(
     The child ends FINISHED, KILLED on Ctrl-C or SIGTERM, or FAILED if the body raises;
     the parent's status follows its latest child, so after the last stage it reads
     FINISHED. Runs orphaned by a SIGKILL are marked KILLED when the next stage starts.
+
+    If the tracking server or database stops answering while the stage runs (after
+    MLflow's own retries: MLFLOW_HTTP_REQUEST_MAX_RETRIES, about 4 minutes by default),
+    the stage fails with a TrackingError naming it: the run is not lost silently, DVC
+    records nothing of the stage, and `dvc repro` once the server is back starts it again
+    (training from its last completed epoch).
     """
     client, experiment_id = _connect(root)
     _close_orphans(client, experiment_id)
@@ -436,18 +477,30 @@ def stage_run(
     if system_metrics_enabled():
         monitor = _SystemMetrics(client, run.run_id, tracking_uri(root))
         monitor.start()
-    status = "FAILED"
+    status, lost = "FAILED", None
     try:
         yield run
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except DDPMError:
+        raise
+    except Exception:
+        lost = _unreachable(client.uri)
+        if lost is None:
+            raise
+        raise TrackingError(
+            f"{lost} since stage {stage} started; nothing of the stage is kept. "
+            "Run `dvc repro` again once it is back (training resumes from its last completed epoch)"
+        ) from None
     finally:
         if monitor is not None:
-            monitor.finish()
-        client.set_terminated(run.run_id, status)
-        client.set_terminated(parent_id, status)
+            with contextlib.suppress(Exception):
+                monitor.finish()
+        if lost is None:
+            client.set_terminated(run.run_id, status)
+            client.set_terminated(parent_id, status)
 
 
 def checkpoint_from_run(root: Path, run_id: str, kind: str, dest: Path) -> tuple[Path, dict[str, str]]:
