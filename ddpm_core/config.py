@@ -107,6 +107,9 @@ class EvaluateParams(_Section):
     # classifier for cas_epochs; 0 skips it.
     cas_samples: int = Field(ge=0, le=60_000)
     cas_epochs: int = Field(ge=1)
+    # The first test_subset test images are the judges' reference (FID, KID, precision and
+    # recall) and CAS's test set; None = all 10,000.
+    test_subset: int | None = Field(ge=100, le=10_000)
 
     @model_validator(mode="after")
     def _distinct_weights(self) -> EvaluateParams:

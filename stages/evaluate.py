@@ -46,14 +46,16 @@ def run(params: Params) -> None:
     device = hardware.pick_device()
     classifier = load_classifier(Path("models/evaluator.pt"), "vgg")
     judge_alt = load_classifier(Path("models/evaluator_alt.pt"), "residual")
-    test = load_images(common.DATA, params.data.dataset, train=False)
     ep = params.evaluate
+    test = load_images(common.DATA, params.data.dataset, train=False, subset=ep.test_subset)
     real = load_images(common.DATA, params.data.dataset, train=True, subset=max(ep.num_samples, ep.sweep_samples))
     uncond, _ = load_samples(SAMPLES / "uncond.npz")
     cond, cond_labels = load_labelled_samples(SAMPLES / "cond.npz")
     sweep = {w: load_labelled_samples(sweep_samples_path(SAMPLES, w)) for w in ep.guidance_sweep}
     with common.stage_run("evaluate", params) as run:
-        run.log_dataset(**dataset_record(common.DATA, params.data.dataset, test, False, None), context="evaluation")
+        run.log_dataset(
+            **dataset_record(common.DATA, params.data.dataset, test, False, ep.test_subset), context="evaluation"
+        )
         # One pass over the test set per judge: its features are FID's and KID's reference.
         judges = {"": FidelityJudge(classifier, test.images), "alt": FidelityJudge(judge_alt, test.images)}
         fid, fid_alt = judges[""], judges["alt"]

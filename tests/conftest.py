@@ -25,8 +25,8 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 # collection order. The files that take minutes go first, longest first, so that neither
 # worker ends the run alone on a long file while the other idles.
 LONGEST_FIRST = [
-    "test_reproducibility.py", "test_faults.py", "test_docs.py", "test_mlflow_ui.py", "test_judges.py",
-    "test_submission.py", "test_generate.py", "test_fashion.py", "test_pipeline.py",
+    "test_team.py", "test_reproducibility.py", "test_faults.py", "test_docs.py", "test_mlflow_ui.py", "test_judges.py",
+    "test_submission.py", "test_generate.py", "test_fashion.py", "test_pipeline.py", "test_distributed.py",
 ]  # fmt: skip
 
 
@@ -45,7 +45,14 @@ TINY = {
     "model": {"channels": [16, 32], "attention_heads": 2},
     "train": {"batch_size": 64, "warmup_steps": 2, "preview_steps": 3, "log_every": 2, "preview_every": 3},
     "sample": {"steps": 5, "batch_size": 100},
-    "evaluate": {"num_samples": 20, "guidance_sweep": [0, 3], "sweep_samples": 10, "cas_samples": 20, "cas_epochs": 1},
+    "evaluate": {
+        "num_samples": 20,
+        "guidance_sweep": [0, 3],
+        "sweep_samples": 10,
+        "cas_samples": 20,
+        "cas_epochs": 1,
+        "test_subset": 1000,
+    },
     "evaluator": {"epochs": 1, "train_subset": 1000},
     "evaluator_alt": {"epochs": 1, "train_subset": 1000},
 }
