@@ -33,6 +33,10 @@ CHECKED = (
     "make run", "make test", "make bundle", "make verify", "make bench", "make lint", "make format",
     "dvc repro", "dvc exp run", "dvc queue start", "mlflow ui", "pytest", "source .venv/bin/activate",
     "sudo apt-get install", "pip install", "pre-commit install",
+    # A team server, a DVC remote and experiments shared through git (docs/cluster.md): the
+    # same commands run in tests/test_team.py against a real PostgreSQL and local remotes.
+    "python tools/team_server.py", "export MLFLOW_TRACKING_URI=", "mlflow server", "dvc remote add", "dvc push",
+    "dvc pull", "dvc exp push", "dvc exp pull", "git add", "git clone",
 )  # fmt: skip
 ENV_ASSIGNMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=\S*\s+")
 
