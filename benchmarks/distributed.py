@@ -27,11 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
 from ddpm_core.config import Params, load_params  # noqa: E402
 from ddpm_core.data import fetch, load_images  # noqa: E402
-from ddpm_core.distributed import World, free_port, join, leave  # noqa: E402
+from ddpm_core.distributed import World, join, leave, run_local  # noqa: E402
 from ddpm_core.hardware import cpu_flags, resolve_precision  # noqa: E402
 from ddpm_core.train import train_diffusion  # noqa: E402
 
@@ -60,10 +59,7 @@ def train(size: int, params: Params, job: dict, folder: Path) -> dict:
     cores = len(os.sched_getaffinity(0))
     job = {**job, "params": params, "threads": max(1, cores // size), "out": folder / f"{size}.pkl",
            "resume": folder / f"resume-{size}.pt"}  # fmt: skip
-    if size == 1:
-        _worker(0, 1, 0, job)
-    else:
-        mp.spawn(_worker, args=(size, free_port(), job), nprocs=size, join=True)
+    run_local(_worker, size, job)
     with open(job["out"], "rb") as f:
         return pickle.load(f)
 

@@ -19,7 +19,7 @@ import signal
 import socket
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -133,6 +133,16 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def run_local(worker: Callable[..., None], size: int, job: dict) -> None:
+    """`worker(rank, size, port, job)` in `size` processes spawned on this machine (their
+    rendezvous on a free loopback `port`), or in this process when `size` is 1: training
+    in several processes without a launcher, for the tests and benchmarks."""
+    if size == 1:
+        worker(0, 1, 0, job)
+    else:
+        torch.multiprocessing.spawn(worker, args=(size, free_port(), job), nprocs=size, join=True)
 
 
 def launch(processes: int, argv: Sequence[str], name: str) -> None:

@@ -7,13 +7,12 @@ import pickle
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from test_train import Recorder, digest
 
 from conftest import tiny_raw
 from ddpm_core.config import parse_params
 from ddpm_core.data import load_images
-from ddpm_core.distributed import World, check_processes, free_port, join, leave
+from ddpm_core.distributed import World, check_processes, join, leave, run_local
 from ddpm_core.errors import ConfigError
 from ddpm_core.train import Objective, Optimization, train_diffusion, train_step
 from ddpm_core.unet import build_unet
@@ -110,10 +109,7 @@ def opt_schedule(params):
 
 def _run(size: int, job: dict, tmp_path, name: str) -> dict:
     job = {**job, "out": tmp_path / f"{name}.pkl"}
-    if size == 1:
-        _worker(0, 1, 0, job)
-    else:
-        mp.spawn(_worker, args=(size, free_port(), job), nprocs=size, join=True)
+    run_local(_worker, size, job)
     with open(job["out"], "rb") as f:
         return pickle.load(f)
 

@@ -134,9 +134,10 @@ def test_two_queued_experiments_at_once_both_land_in_one_new_store(tiny_pipeline
     # No store yet: the two workers' first stages race to create its tables.
     (project / "mlflow.db").unlink()
     shutil.rmtree(project / "mlartifacts")
+    # Two cheap experiments (sampling onwards): the race is over the store, not the work.
     experiments = {
         "q-guidance": ("sample.guidance=1.0", {"sample", "evaluate", "plot"}),
-        "q-epochs": ("epochs=3", {"train_uncond", "train_cond", "sample", "evaluate", "plot"}),
+        "q-steps": ("sample.steps=4", {"sample", "evaluate", "plot"}),
     }
     for name, (override, _) in experiments.items():
         run(["dvc", "exp", "run", "--queue", "-n", name, "-S", override], project)
@@ -156,10 +157,6 @@ def test_two_queued_experiments_at_once_both_land_in_one_new_store(tiny_pipeline
         assert float(parent_runs(project)[name].data.params[key]) == float(value)
         log = run(["dvc", "queue", "logs", name], project).stdout
         assert "database is locked" not in log and "Traceback" not in log
-    client, _ = store(project)
-    for stage, child in stage_runs(project, parent_runs(project)["q-epochs"]).items():
-        if stage.startswith("train_"):
-            assert [m.step for m in client.get_metric_history(child.info.run_id, "epoch_loss")] == [1, 2, 3]
 
 
 # --- kill and resume ---------------------------------------------------------------------

@@ -103,7 +103,8 @@ def test_cli_scores_npz_files_as_the_library_does(scorer, models_dir, data, mnis
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert [row.pop("file") for row in rows] == [str(tmp_path / "cond.npz"), str(tmp_path / "uncond.npz")]
-    assert rows == [pytest.approx(scorer.score(cond, labels), rel=1e-9), pytest.approx(scorer.score(uncond), rel=1e-9)]
+    # Another process: the same code, up to float rounding (under load 1e-9 was seen to fail).
+    assert rows == [pytest.approx(scorer.score(cond, labels), rel=1e-6), pytest.approx(scorer.score(uncond), rel=1e-6)]
 
 
 def test_text_output_and_labels_from_another_file(scorer, data, tmp_path):

@@ -225,7 +225,7 @@ def test_a_server_that_dies_mid_training_fails_the_stage_in_one_line_and_the_rer
     tiny_pipeline, team_server, tmp_path
 ):
     project = copy_project(tiny_pipeline, tmp_path / "project")
-    params = tiny_raw(epochs=3, data={"train_subset": 1024}, train={"preview_every": 1000})
+    params = tiny_raw(epochs=2, data={"train_subset": 512}, train={"preview_every": 1000})
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     before = sha(project / "models/uncond.pt")
     # A second MLflow server over the same database, to be killed.
