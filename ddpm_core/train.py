@@ -132,14 +132,15 @@ def train_step(
     objective: Objective,
     global_batch: int | None = None,
     rows: slice = slice(None),
+    loss_scale: float = 1.0,
 ) -> StepStats:
     """One optimisation step on a batch; returns its loss terms and gradient norm.
 
     `objective` (from `Objective.of(params)`) is required so that no caller (the
     benchmark, say) trains a different objective from the pipeline's by leaving it out.
     Under torch.distributed `x0` and `labels` are this process's `rows` of a batch of
-    `global_batch`: its loss is scaled so that DDP's mean of the gradients over the
-    processes is the gradient of the global batch's mean loss."""
+    `global_batch`, and `loss_scale` = rows × processes / global_batch, so that DDP's mean
+    of the gradients over the processes is the gradient of the global batch's mean loss."""
     with autocast():
         terms = diffusion_loss_terms(
             opt.net or opt.model,
@@ -154,10 +155,7 @@ def train_step(
             rows,
         )
     opt.optimizer.zero_grad(set_to_none=True)
-    loss = terms.loss
-    if global_batch is not None and opt.net is not opt.model and opt.net is not None:
-        share = x0.shape[0] * torch.distributed.get_world_size() / global_batch
-        loss = loss * share  # DDP divides the summed gradients by the world size
+    loss = terms.loss if loss_scale == 1.0 else terms.loss * loss_scale
     opt.scaler.scale(loss).backward()
     opt.scaler.unscale_(opt.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(opt.model.parameters(), opt.grad_clip)
@@ -373,8 +371,9 @@ def train_diffusion(
             if conditional:
                 drop = torch.rand(len(idx), generator=generator) < params.train_cond.p_uncond
                 y = labels[idx].masked_fill(drop, null_class)[rows].to(device)
+            share = x0.shape[0] * world.size / len(idx)  # 1 in a single process
             stats = train_step(
-                opt, schedule, x0, y, generator, autocast, objective, len(idx) if distributed else None, rows
+                opt, schedule, x0, y, generator, autocast, objective, len(idx) if distributed else None, rows, share
             )
             loss = stats.terms.loss
             loss_sum += loss * x0.shape[0]

@@ -96,7 +96,7 @@ def _one_step(params, world: World) -> dict:
     generator = torch.Generator().manual_seed(2)
     stats = train_step(
         opt, opt_schedule(params), x0[rows], labels[rows], generator, lambda: torch.autocast("cpu", enabled=False),
-        Objective.of(params), 10 if world.size > 1 else None, rows,
+        Objective.of(params), 10 if world.size > 1 else None, rows, len(range(10)[rows]) * world.size / 10,
     )  # fmt: skip
     return {"weights": {k: v.clone() for k, v in model.state_dict().items()}, "grad_norm": float(stats.grad_norm)}
 
