@@ -88,11 +88,17 @@ def denoising_gif(
     device: torch.device | str = "cpu",
     autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
     show: str = "xt",
+    guide: torch.nn.Module | None = None,
+    autoguidance: float = 1.0,
 ) -> torch.Tensor:
     """Sample one image per label in one batch, record the loop, write it to `path` as a
-    GIF (grid of `nrow` columns); returns the final images in [−1, 1]."""
+    GIF (grid of `nrow` columns); returns the final images in [−1, 1]. `guide` and
+    `autoguidance` as in `samplers.sample`."""
     recorder = FrameRecorder(len(sampler.timesteps), nrow, show)
     shape = (len(labels), 1, 28, 28)
-    images = sample(model, sampler, shape, generator, labels, guidance, device, autocast, on_step=recorder)
+    images = sample(
+        model, sampler, shape, generator, labels, guidance, device, autocast,
+        on_step=recorder, guide=guide, autoguidance=autoguidance,
+    )  # fmt: skip
     save_gif(path, recorder.frames)
     return images

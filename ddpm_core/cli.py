@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 from pathlib import Path
+from typing import cast
 
 import torch
 from PIL import Image
@@ -20,6 +22,7 @@ from ddpm_core.generation import DEFAULT_SAMPLE, load_unet, params_from_logged, 
 from ddpm_core.prompts import CLASS_NAMES, accepted, parse_dataset_prompt
 from ddpm_core.samplers import SAMPLERS, sample
 from ddpm_core.seeding import seed_everything
+from ddpm_core.unet import UNet
 from ddpm_core.viz import image_grid
 
 # Sampler defaults when there is no params.yaml in the current folder (with --run-id or
@@ -35,12 +38,18 @@ examples:
   ddpm generate --unconditional --n 100 --seed 1
   ddpm generate --prompt 2 --run-id <MLflow run id>   # a train_cond run or a pipeline run
   ddpm generate --prompt 2 --model models:/ddpm-mnist-cond/1   # a registered version
+  ddpm generate --prompt 2 --model models:/ddpm-mnist-cond/latest   # its newest version
+  ddpm generate --prompt 2 --autoguidance 2           # guided by models/cond_guide.pt
   ddpm generate --unconditional --model models:/ddpm-mnist-uncond@champion
 
 Run it in the project folder: models/ and params.yaml (dataset, architecture, noise
 schedule, sampler defaults) are read from there, and --run-id looks in its MLflow store
 (MLFLOW_TRACKING_URI overrides) and takes the dataset that run was trained on. The same
 arguments and seed give the same image.
+
+Autoguidance pushes the model away from its guide, an earlier EMA snapshot of the same
+training: models/<kind>_guide.pt beside models/<kind>.pt, or the guide logged with the
+model or run of --model/--run-id. Weight 1 leaves the guide out.
 """
 
 
@@ -62,6 +71,13 @@ def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _weight(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, got {text}")
     return value
 
 
@@ -109,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--guidance", type=_non_negative_float, help="classifier-free guidance weight: 1 = plain conditional, "
                      "higher = more typical images (default: sample.guidance of params.yaml)")  # fmt: skip
+    gen.add_argument("--autoguidance", type=_weight, metavar="W",
+                     help="autoguidance weight: how far the model is pushed away from its guide, an earlier snapshot of "
+                     "its training (models/<kind>_guide.pt); 1 = off, 0 = the guide alone (default: sample.autoguidance_cond, "
+                     "or sample.autoguidance_uncond with --unconditional, of params.yaml; with --run-id or --model "
+                     f"{DEFAULT_SAMPLE['autoguidance_cond']:g} (conditional) or {DEFAULT_SAMPLE['autoguidance_uncond']:g} "
+                     "(unconditional) with the guide logged beside the weights; weights logged without one are sampled without)")  # fmt: skip
     gen.add_argument("--sampler", choices=SAMPLERS, help="sampling method (default: sample.sampler of params.yaml)")
     gen.add_argument(
         "--steps",
@@ -125,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--run-id", help="load the weights logged by this MLflow run (a train_cond or train_uncond run, "
                      "or a pipeline's parent run) instead of models/")  # fmt: skip
     gen.add_argument("--model", metavar="URI", help="load a registered model instead of models/: models:/ddpm-mnist-cond/<version>, "
-                     "models:/ddpm-mnist-cond@<alias> (or -uncond with --unconditional), or a logged model models:/<model id>")  # fmt: skip
+                     "models:/ddpm-mnist-cond/latest (the newest version), models:/ddpm-mnist-cond@<alias> (or -uncond with "
+                     "--unconditional), or a logged model models:/<model id>")  # fmt: skip
     gen.set_defaults(func=generate)
     return parser
 
@@ -137,10 +160,12 @@ def _sample_defaults() -> dict:
 
 
 def _load_model(
-    args: argparse.Namespace, kind: str, device: torch.device
-) -> tuple[torch.nn.Module, DiffusionParams, str, str]:
-    """The model, its noise schedule's params, where it came from, and its dataset:
-    models/<kind>.pt with ./params.yaml, or the weights and params of --run-id or --model."""
+    args: argparse.Namespace, kind: str, device: torch.device, autoguidance: float
+) -> tuple[UNet, UNet | None, DiffusionParams, str, str]:
+    """The model, its autoguidance guide (None when `autoguidance` is 1, or when weights
+    from MLflow have none and --autoguidance was not given), its noise schedule's params,
+    where it came from, and its dataset: models/<kind>.pt (and models/<kind>_guide.pt)
+    with ./params.yaml, or the weights, guide and params of --run-id or --model."""
     conditional = kind == "cond"
     if args.run_id is None and args.model is None:
         path = Path("models") / f"{kind}.pt"
@@ -153,18 +178,37 @@ def _load_model(
                 "params.yaml: not found; the models/ weights need the params they were trained with: run in the project folder"
             )
         params = load_params("params.yaml")
-        return load_unet(path, params.model, conditional, device), params.diffusion, str(path), params.data.dataset
+        guide = None
+        if autoguidance != 1:
+            guide_path = Path("models") / f"{kind}_guide.pt"
+            if not guide_path.exists():
+                raise CheckpointError(
+                    f"{guide_path}: not found; autoguidance {autoguidance:g} needs the guide: train it with "
+                    f"`dvc repro train_{kind}`, or give --autoguidance 1"
+                )
+            guide = load_unet(guide_path, params.model, conditional, device)
+        model = load_unet(path, params.model, conditional, device)
+        return model, guide, params.diffusion, str(path), params.data.dataset
     from ddpm_core import tracking  # imports mlflow: only when asked for
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is not None:
-            path, logged = tracking.checkpoint_from_model(Path.cwd(), args.model, kind, Path(tmp))
+            checkpoint = tracking.checkpoint_from_model(Path.cwd(), args.model, kind, Path(tmp))
             source = args.model
         else:
-            path, logged = tracking.checkpoint_from_run(Path.cwd(), args.run_id, kind, Path(tmp))
+            checkpoint = tracking.checkpoint_from_run(Path.cwd(), args.run_id, kind, Path(tmp))
             source = f"MLflow run {args.run_id}"
-        model_params, diffusion, dataset = params_from_logged(logged, source)
-        return load_unet(path, model_params, conditional, device), diffusion, source, dataset
+        model_params, diffusion, dataset = params_from_logged(checkpoint.params, source)
+        if checkpoint.guide is None and autoguidance != 1 and args.autoguidance is not None:
+            raise UsageError(
+                f"--autoguidance {autoguidance:g}: {source} has no autoguidance guide (logged before guides were); "
+                "leave out --autoguidance"
+            )
+        guide = None
+        if checkpoint.guide is not None and autoguidance != 1:
+            guide = load_unet(checkpoint.guide, model_params, conditional, device)
+        model = load_unet(checkpoint.weights, model_params, conditional, device)
+        return model, guide, diffusion, source, dataset
 
 
 def _classes(args: argparse.Namespace, dataset: str) -> list[int]:
@@ -187,11 +231,18 @@ def generate(args: argparse.Namespace) -> None:
     sampler_name = args.sampler or defaults["sampler"]
     steps = args.steps or defaults["steps"]
     guidance = defaults["guidance"] if args.guidance is None else args.guidance
+    kind = "uncond" if args.unconditional else "cond"
+    # params.yaml's weight goes with models/<kind>_guide.pt; weights from MLflow get the project's default.
+    autoguidance_defaults = DEFAULT_SAMPLE if (args.run_id or args.model) else defaults
+    autoguidance = float(
+        cast(float, autoguidance_defaults[f"autoguidance_{kind}"]) if args.autoguidance is None else args.autoguidance
+    )
 
     hardware.configure_threads()
     device = hardware.pick_device()
-    kind = "uncond" if args.unconditional else "cond"
-    model, diffusion, source, dataset = _load_model(args, kind, device)
+    model, guide, diffusion, source, dataset = _load_model(args, kind, device, autoguidance)
+    if guide is None:
+        autoguidance = 1.0  # weights from MLflow without a guide: sampled as before
     if classes is None:
         classes = _classes(args, dataset)
     if sampler_name != "ddpm" and steps > diffusion.timesteps:
@@ -225,6 +276,8 @@ def generate(args: argparse.Namespace) -> None:
             device,
             autocast,
             on_step,
+            guide=guide,
+            autoguidance=autoguidance,
         )
 
     grid = image_grid(images, nrow)
@@ -234,6 +287,8 @@ def generate(args: argparse.Namespace) -> None:
     else:
         what = f"classes {', '.join(CLASS_NAMES[dataset][c] for c in classes)}"
     what = f"{what}, guidance {guidance:g}" if classes else "unconditional"
+    if autoguidance != 1:
+        what = f"{what}, autoguidance {autoguidance:g}"
     print(
         f"wrote {args.out}: {count} images ({what}; {sampler_name}, {len(sampler.timesteps)} steps, seed {args.seed}; {source})"
     )

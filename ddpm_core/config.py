@@ -73,6 +73,10 @@ class TrainParams(_Section):
     preview_every: int = Field(ge=1)  # optimizer steps between sample grids
     # Training processes (torch.distributed): each trains on its rows of every batch.
     processes: int = Field(ge=1, le=1024)
+    # The guide of autoguidance: the EMA weights at this fraction of a model's training steps.
+    guide_at: float = Field(gt=0.0, le=1.0, allow_inf_nan=False)
+    # Of the 2 × epochs passes over the data of both models, the conditional model's share.
+    cond_share: float = Field(gt=0.0, lt=1.0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _a_row_for_every_process(self) -> TrainParams:
@@ -94,6 +98,9 @@ class SampleParams(_Section):
     # The last timestep index visited (samplers.trailing_timesteps); None = T/steps − 1.
     t_min: int | None = Field(ge=0)
     guidance: float = Field(ge=0.0)
+    # Autoguidance weights (samplers.guided_output): 1 = the model alone, 0 = its guide alone.
+    autoguidance_uncond: float = Field(ge=0.0, le=20.0, allow_inf_nan=False)
+    autoguidance_cond: float = Field(ge=0.0, le=20.0, allow_inf_nan=False)
     eta: float = Field(ge=0.0)
     batch_size: int = Field(ge=1)
 
@@ -103,6 +110,8 @@ class EvaluateParams(_Section):
     # Conditional accuracy and FID at each guidance weight, on sweep_samples images each.
     guidance_sweep: list[Annotated[float, Field(ge=0.0)]]
     sweep_samples: int = Field(ge=10, le=60_000)
+    # FID and class spread of the unconditional model at each autoguidance weight, as many images each.
+    autoguidance_sweep: list[Annotated[float, Field(ge=0.0, le=20.0, allow_inf_nan=False)]]
     # Classification Accuracy Score: the first cas_samples conditional samples train a
     # classifier for cas_epochs; 0 skips it.
     cas_samples: int = Field(ge=0, le=60_000)
@@ -113,8 +122,9 @@ class EvaluateParams(_Section):
 
     @model_validator(mode="after")
     def _distinct_weights(self) -> EvaluateParams:
-        if len(set(self.guidance_sweep)) != len(self.guidance_sweep):
-            raise ValueError(f"guidance_sweep lists a weight twice: {self.guidance_sweep}")
+        for key, weights in (("guidance_sweep", self.guidance_sweep), ("autoguidance_sweep", self.autoguidance_sweep)):
+            if len(set(weights)) != len(weights):
+                raise ValueError(f"{key} lists a weight twice: {weights}")
         return self
 
     @model_validator(mode="after")

@@ -175,6 +175,9 @@ def accuracy(predicted: torch.Tensor, target: torch.Tensor) -> tuple[float, dict
     return correct.float().mean().item(), per_class
 
 
+CLASS_BALANCE_GATE = 0.03  # no default may leave a predicted class further than 3 points from 10 %
+
+
 def class_histogram(predicted: torch.Tensor) -> tuple[list[float], float]:
     """Fraction of images predicted as each class, and the largest |fraction − 1/10|."""
     fractions = torch.bincount(predicted, minlength=NUM_CLASSES).double() / predicted.numel()
@@ -522,3 +525,53 @@ def sweep_rows(metrics: dict) -> list[dict]:
     """The sweep of a metrics.json as rows (guidance, cond_accuracy, fid), by weight; [] if none."""
     sweep = metrics.get("guidance_sweep", {})
     return sorted((v for v in sweep.values() if isinstance(v, dict)), key=lambda row: row["guidance"])
+
+
+def autoguidance_key(weight: float) -> str:
+    """The metrics key of one autoguidance weight: 2.0 → "a2", 1.5 → "a1.5"."""
+    return f"a{weight:g}"
+
+
+def evaluate_autoguidance_sweep(
+    classifier: nn.Module,
+    fid: FeatureFID,
+    train_images: torch.Tensor,
+    samples: dict[float, torch.Tensor],
+    fid_alt: FeatureFID | None = None,
+    intervals: tuple[dict[str, FidelityJudge], int] | None = None,
+) -> dict:
+    """FID and class spread of unconditional samples at each autoguidance weight ({a:
+    images}), beside the floor for that many real training images (`fid_floor`, and with
+    `fid_alt` the second judge's `fid_alt_floor`). Each weight's row, under
+    `autoguidance_key(a)`: `autoguidance`, `fid` and `max_class_deviation` (the largest
+    |fraction − 1/10| of the classes `classifier` predicts: autoguidance can buy FID by
+    dropping hard digits), with `fid_alt` also `fid_alt` and `max_class_deviation_alt` (the
+    second judge's classifier). With `intervals` = (the judges by name, a seed), each
+    weight's `fid_ci95` and `fid_alt_ci95` (bootstrap over its samples)."""
+    if not samples:
+        raise ValueError("evaluate_autoguidance_sweep needs at least one weight")
+    n = len(next(iter(samples.values())))
+    sweep: dict[str, Any] = {"num_samples": n, "fid_floor": fid.score(train_images[:n])}
+    if fid_alt is not None:
+        sweep["fid_alt_floor"] = fid_alt.score(train_images[:n])
+    for weight, images in samples.items():
+        _, deviation = class_histogram(predict(classifier, images))
+        row: dict[str, Any] = {"autoguidance": weight, "fid": fid.score(images), "max_class_deviation": deviation}
+        if fid_alt is not None:
+            row["fid_alt"] = fid_alt.score(images)
+            row["max_class_deviation_alt"] = class_histogram(predict(fid_alt.classifier, images))[1]
+        if intervals is not None:
+            judges, seed = intervals
+            generator = torch.Generator().manual_seed(seed)
+            for name, judge in judges.items():
+                s = f"_{name}" if name else ""
+                row[f"fid{s}_ci95"] = judge.fid_ci(judge_features(judge.classifier, images), generator)
+        sweep[autoguidance_key(weight)] = row
+    return sweep
+
+
+def autoguidance_sweep_rows(metrics: dict) -> list[dict]:
+    """The autoguidance sweep of a metrics.json as rows (autoguidance, fid, fid_alt,
+    max_class_deviation, …), by weight; [] if none."""
+    sweep = metrics.get("autoguidance_sweep", {})
+    return sorted((v for v in sweep.values() if isinstance(v, dict)), key=lambda row: row["autoguidance"])

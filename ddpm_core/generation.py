@@ -25,7 +25,10 @@ from ddpm_core.unet import UNet, build_unet
 
 # The `sample` section of the project's params.yaml, for where none is at hand: weights
 # from an MLflow run or registered model (`ddpm generate --run-id/--model`, the pyfunc).
-DEFAULT_SAMPLE = {"sampler": "dpmpp2m", "steps": 10, "t_min": 10, "guidance": 2.5, "eta": 0.0}
+DEFAULT_SAMPLE = {
+    "sampler": "dpmpp2m", "steps": 10, "t_min": 10, "guidance": 2.0, "eta": 0.0,
+    "autoguidance_uncond": 1.5, "autoguidance_cond": 2.0,
+}  # fmt: skip
 
 
 def load_unet(path: Path, params: ModelParams, conditional: bool, device: torch.device) -> UNet:
@@ -97,15 +100,21 @@ def generate(
     device: torch.device | str = "cpu",
     autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
     desc: str = "sampling",
+    guide: UNet | None = None,
+    autoguidance: float = 1.0,
 ) -> torch.Tensor:
     """`n` uint8 images (n, 1, 28, 28), in batches; one generator feeds every batch, so
-    the result depends on the seed and the batch size, not on the device."""
+    the result depends on the seed and the batch size, not on the device. `guide` and
+    `autoguidance`: autoguidance (samplers.guided_output); weight 1 leaves the guide out."""
     batches = []
     with tqdm(total=n, desc=desc, unit="img", mininterval=1.0) as bar:
         for start in range(0, n, batch_size):
             count = min(batch_size, n - start)
             batch_labels = labels[start : start + count] if labels is not None else None
-            images = sample(model, sampler, (count, 1, 28, 28), generator, batch_labels, guidance, device, autocast)
+            images = sample(
+                model, sampler, (count, 1, 28, 28), generator, batch_labels, guidance, device, autocast,
+                guide=guide, autoguidance=autoguidance,
+            )  # fmt: skip
             batches.append(to_uint8(images).cpu())
             bar.update(count)
     return torch.cat(batches)
@@ -122,6 +131,11 @@ def save_samples(path: Path, images: torch.Tensor, labels: torch.Tensor | None =
 def sweep_samples_path(samples_dir: Path, guidance: float) -> Path:
     """Where the guidance sweep's conditional samples at weight `guidance` live."""
     return Path(samples_dir) / "sweep" / f"guidance_{guidance:g}.npz"
+
+
+def autoguidance_samples_path(samples_dir: Path, weight: float) -> Path:
+    """Where the autoguidance sweep's unconditional samples at weight `weight` live."""
+    return Path(samples_dir) / "sweep" / f"autoguidance_{weight:g}.npz"
 
 
 def load_labelled_samples(path: Path) -> tuple[torch.Tensor, torch.Tensor]:

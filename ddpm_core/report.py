@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ddpm_core.data import DATASETS
-from ddpm_core.evaluation import sweep_rows
+from ddpm_core.evaluation import CLASS_BALANCE_GATE, autoguidance_sweep_rows, sweep_rows
 from ddpm_core.prompts import class_labels
 
 
@@ -53,6 +53,15 @@ def _cas_rows(metrics: dict) -> list[tuple[str, str, str]]:
     ]
 
 
+def class_balance_verdict(deviation: float, deviation_alt: float | None = None) -> str:
+    """Whether the unconditional model's class spread passes the 3-point gate, by each judge."""
+    worst = max(deviation, deviation_alt if deviation_alt is not None else 0.0)
+    judged = "both judges" if deviation_alt is not None else "the judge"
+    if worst <= CLASS_BALANCE_GATE:
+        return f"within the {100 * CLASS_BALANCE_GATE:g}-point gate by {judged}"
+    return f"ABOVE the {100 * CLASS_BALANCE_GATE:g}-point gate ({100 * worst:.1f} points)"
+
+
 def _sweep_section(metrics: dict) -> list[str]:
     sweep = metrics.get("guidance_sweep")
     if not sweep:
@@ -71,6 +80,44 @@ def _sweep_section(metrics: dict) -> list[str]:
         f"(FID floor for that many real images: {floor:.3f}).",
         _table(("guidance", "conditional accuracy", "FID", "FID / floor"), rows),
     ]
+
+
+def _autoguidance_section(metrics: dict, params: dict) -> list[str]:
+    """FID over the floor in both judges' spaces and the class spread of the unconditional
+    model at each autoguidance weight, and the weight its samples above were drawn at
+    (`sample.autoguidance_uncond` of the flat `params`, where they hold it)."""
+    sweep = metrics.get("autoguidance_sweep")
+    if not sweep:
+        return []
+    floor, floor_alt = sweep["fid_floor"], sweep.get("fid_alt_floor")
+    rows = []
+    for r in autoguidance_sweep_rows(metrics):
+        alt = f"{r['fid_alt']:.3f}{_ci(r, 'fid_alt')}" if "fid_alt" in r else "–"
+        alt_ratio = f"{r['fid_alt'] / floor_alt:.2f}×" if "fid_alt" in r and floor_alt else "–"
+        spread = f"{100 * r['max_class_deviation']:.1f}"
+        if "max_class_deviation_alt" in r:
+            spread += f" / {100 * r['max_class_deviation_alt']:.1f}"
+        rows.append(
+            (
+                f"{r['autoguidance']:g}",
+                f"{r['fid']:.3f}{_ci(r, 'fid')}",
+                f"{r['fid'] / floor:.2f}×",
+                alt,
+                alt_ratio,
+                spread,
+            )
+        )
+    floors = f"{floor:.3f}" + (f", second judge {floor_alt:.3f}" if floor_alt else "")
+    text = (
+        f"Unconditional samples at each autoguidance weight (guide: an earlier EMA snapshot of the same training; "
+        f"1 = the model alone), {sweep['num_samples']} per weight (FID floor for that many real images: {floors}). "
+        "Class deviation: the largest distance of a predicted class's share from 10 %, in points (first / second judge)."
+    )
+    default = params.get("sample.autoguidance_uncond")
+    if default is not None:
+        text += f" The unconditional samples above were drawn at `sample.autoguidance_uncond` = {float(default):g}."
+    header = ("autoguidance", "FID", "FID / floor", "second judge: FID", "FID / its floor", "class deviation (points)")
+    return ["### Autoguidance sweep", text, _table(header, rows)]
 
 
 def render_report(
@@ -113,7 +160,10 @@ def render_report(
         (
             "unconditional: largest class deviation",
             f"{metrics['uncond_max_class_deviation']:.4f}",
-            "largest distance of a class's share from 0.1",
+            "largest distance of a class's share from 0.1; "
+            + class_balance_verdict(
+                metrics["uncond_max_class_deviation"], metrics.get("uncond_max_class_deviation_alt")
+            ),
         ),
         (
             "exact-zero pixels, unconditional / conditional",
@@ -146,6 +196,7 @@ def render_report(
         "### Per class",
         _table(("class", "conditional accuracy", "unconditional fraction"), per_class),
         *_sweep_section(metrics),
+        *_autoguidance_section(metrics, params),
         "## Training",
         _table(("model", "final loss", "images/s", "seconds"), train_rows),
         "## Figures",

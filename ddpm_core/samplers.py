@@ -218,23 +218,51 @@ def make_sampler(
 
 
 def guided_output(
-    model: nn.Module, xt: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, guidance: float
+    model: nn.Module,
+    xt: torch.Tensor,
+    t: torch.Tensor,
+    labels: torch.Tensor | None,
+    guidance: float,
+    guide: nn.Module | None = None,
+    autoguidance: float = 1.0,
 ) -> torch.Tensor:
-    """Classifier-free guidance: ε = ε_∅ + w (ε_y − ε_∅), Ho & Salimans 2022. The same
-    combination of v outputs gives the same x̂_0, since ε̂ is affine in v̂ with shared x_t.
+    """The network output the sampler steps with: classifier-free guidance (Ho & Salimans
+    2022) and autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad
+    version of itself"), combined as
 
-    w = 1 is the plain conditional model and w = 0 the unconditional one: each takes a
-    single network pass. Otherwise both passes run as one batch of twice the size.
+        D = G(y) + w_ag (M(y) − G(y)) + (w_cfg − 1) (M(y) − M(∅)),
+
+    where M is the model, G the guide (an earlier EMA snapshot of the same training run),
+    y the labels (none for the unconditional model, which has no CFG term), w_cfg =
+    `guidance` and w_ag = `autoguidance`. w_ag = 1 is plain CFG, ε_∅ + w_cfg (ε_y − ε_∅);
+    w_cfg = 1 is plain autoguidance; both 1 is the model alone, w_ag = 0 with w_cfg = 1 the
+    guide alone. The same combination of v outputs gives the same x̂_0, since ε̂ is affine
+    in v̂ with shared x_t.
+
+    Each network runs once per term it appears in with a non-zero weight: the model's
+    conditional and null passes as one batch of twice the size, the guide's on its own.
     """
-    if labels is None or guidance == 1:
-        return model(xt, t, labels)
-    null_class = model.null_class  # UNet's: the extra row of its class embedding
-    assert isinstance(null_class, int)
-    null = torch.full_like(labels, null_class)
-    if guidance == 0:
-        return model(xt, t, null)
-    eps_cond, eps_null = model(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([labels, null])).chunk(2)
-    return eps_null + guidance * (eps_cond - eps_null)
+    use_guide = guide is not None and autoguidance != 1
+    use_cfg = labels is not None and guidance != 1
+    if use_cfg:
+        assert labels is not None
+        null_class = model.null_class  # UNet's: the extra row of its class embedding
+        assert isinstance(null_class, int)
+        null = torch.full_like(labels, null_class)
+        if guidance == 0 and not use_guide:
+            return model(xt, t, null)
+        out_cond, out_null = model(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([labels, null])).chunk(2)
+        cfg_term = (guidance - 1) * (out_cond - out_null)
+        if not use_guide:
+            return out_null + guidance * (out_cond - out_null)
+    else:
+        out_cond = model(xt, t, labels)
+        if not use_guide:
+            return out_cond
+    assert guide is not None
+    out_guide = guide(xt, t, labels)
+    out = out_guide + autoguidance * (out_cond - out_guide)  # w_ag = 0: the guide's output exactly
+    return out + cfg_term if use_cfg else out
 
 
 @torch.inference_mode()
@@ -248,9 +276,12 @@ def sample(
     device: torch.device | str = "cpu",
     autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
     on_step: Callable[[int, torch.Tensor, torch.Tensor | None], None] | None = None,
+    guide: nn.Module | None = None,
+    autoguidance: float = 1.0,
 ) -> torch.Tensor:
     """Draw `shape` images in [−1, 1]. All noise comes from the CPU `generator`, so the
     same seed gives the same images on any device (up to the device's arithmetic).
+    `guidance`, `guide` and `autoguidance` combine as in `guided_output`.
 
     `on_step(k, x, x0)` watches the loop, len(sampler.timesteps) + 1 calls: k = 0 with the
     initial noise (x0 None: nothing predicted yet), then after step k the new x and the
@@ -263,7 +294,7 @@ def sample(
     for i, t in enumerate(sampler.timesteps.tolist()):
         t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
         with autocast():
-            output = guided_output(model, x, t_batch, labels, guidance).float()
+            output = guided_output(model, x, t_batch, labels, guidance, guide, autoguidance).float()
         noise = draw_noise(shape, generator, sampler.offset_noise).to(device)
         x_next = sampler.step(x, output, i, noise)
         if on_step is not None:

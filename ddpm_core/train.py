@@ -57,6 +57,8 @@ class TrainResult:
     curve: list[dict[str, float]] = field(default_factory=list)  # one row per log point (step, epoch, loss, ...)
     images_per_s: list[float] = field(default_factory=list)
     epoch_seconds: list[float] = field(default_factory=list)
+    # the EMA weights at the steps asked for (the guide's, by default), by global step
+    snapshots: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     precision: str = "fp32"
     device: str = "cpu"
     resumed_after_epoch: int = 0  # 0: trained from scratch
@@ -273,6 +275,209 @@ def preview_grid(
     return image_grid(images, nrow=int(math.sqrt(PREVIEW_UNCOND)))
 
 
+@dataclass(frozen=True)
+class TrainingPlan:
+    """How many optimizer steps a model trains and where they fall.
+
+    A model trains `model_epochs(params, conditional)` passes over the data (the default
+    split gives each model `epochs`); the last pass may be partial. The guide is the EMA
+    at step `guide_step` = `train.guide_at` × the steps, at least one step in."""
+
+    steps_per_epoch: int
+    total_steps: int
+    guide_step: int
+
+    @classmethod
+    def of(cls, images: int, params: Params, conditional: bool) -> TrainingPlan:
+        steps_per_epoch = math.ceil(images / params.train.batch_size)
+        total = max(1, round(model_epochs(params, conditional) * steps_per_epoch))
+        return cls(steps_per_epoch, total, min(total, max(1, round(params.train.guide_at * total))))
+
+    @property
+    def epochs(self) -> int:
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+    def steps_in(self, epoch: int) -> int:
+        return min(self.steps_per_epoch, self.total_steps - (epoch - 1) * self.steps_per_epoch)
+
+
+def model_epochs(params: Params, conditional: bool) -> float:
+    """The passes over the data one model gets: of the 2 × `epochs` passes of both models,
+    the conditional one gets the share `train.cond_share`, the unconditional one the rest."""
+    share = params.train.cond_share if conditional else 1 - params.train.cond_share
+    return 2 * params.epochs * share
+
+
+def _resume(
+    resume_path: Path,
+    fingerprint: str,
+    opt: Optimization,
+    generator: torch.Generator,
+    result: TrainResult,
+    tracker: Tracker | None,
+    world: World,
+    name: str,
+) -> int:
+    """Load the state an interrupted run saved (same params only), replay its curve to
+    `tracker`, and return the epoch to start from (1 without one)."""
+    if not resume_path.exists():
+        return 1
+    state = load_safe(resume_path)
+    if state.get("fingerprint") != fingerprint:
+        return 1
+    opt.load_state_dict(state["optimization"])
+    restore_rng_state(state["rng"], generator)
+    result.losses, result.images_per_s = state["losses"], state["images_per_s"]
+    result.epoch_seconds, result.curve = state["epoch_seconds"], state["curve"]
+    result.snapshots = state["snapshots"]
+    result.resumed_after_epoch = state["epoch"]
+    if world.is_main:
+        print(f"{name}: resuming after epoch {state['epoch']} from {resume_path}", flush=True)
+    if tracker is not None:
+        for row in result.curve:
+            tracker.log_metrics({k: v for k, v in row.items() if k not in ("step", "epoch")}, step=int(row["step"]))
+        for epoch, (epoch_loss, rate, seconds) in enumerate(
+            zip(result.losses, result.images_per_s, result.epoch_seconds, strict=True), start=1
+        ):
+            tracker.log_metrics(
+                {"epoch_loss": epoch_loss, "epoch_images_per_s": rate, "epoch_seconds": seconds}, step=epoch
+            )
+    return state["epoch"] + 1
+
+
+def _checkpoint(
+    resume_path: Path, fingerprint: str, epoch: int, opt: Optimization, generator: torch.Generator, result: TrainResult
+) -> None:
+    """Everything `_resume` needs to continue after `epoch` as if never stopped."""
+    save_atomic(
+        {
+            "fingerprint": fingerprint,
+            "epoch": epoch,
+            "optimization": opt.state_dict(),
+            "rng": rng_state(generator),
+            "losses": result.losses,
+            "images_per_s": result.images_per_s,
+            "epoch_seconds": result.epoch_seconds,
+            "curve": result.curve,
+            "snapshots": result.snapshots,
+        },
+        resume_path,
+    )
+
+
+def _ema_copy(opt: Optimization) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in opt.ema.module.state_dict().items()}
+
+
+@dataclass
+class _Loop:
+    """What the steps of every epoch share: the run's fixed parts and its plan."""
+
+    data: ImageSet
+    params: Params
+    conditional: bool
+    plan: TrainingPlan
+    opt: Optimization
+    schedule: NoiseSchedule
+    objective: Objective
+    generator: torch.Generator
+    autocast: Callable[[], AbstractContextManager]
+    device: torch.device
+    world: World
+    tracker: Tracker | None
+    name: str
+    result: TrainResult
+    snapshot_steps: frozenset[int]
+    resume_path: Path
+
+    def epoch(self, epoch: int) -> None:
+        """Train one (possibly partial) pass over the data; log, preview, snapshot."""
+        tp, plan, world, result = self.params.train, self.plan, self.world, self.result
+        self.opt.model.train()
+        order = torch.randperm(len(self.data), generator=self.generator)
+        loss_sum = torch.zeros((), device=self.device)
+        steps, seen = plan.steps_in(epoch), 0
+        meter = CurveMeter(self.schedule.timesteps, self.device)
+        started = interval_started = time.perf_counter()
+        preview_seconds = 0.0  # not training time: left out of images/s and epoch_seconds
+        bar = tqdm(
+            range(steps),
+            desc=f"{self.name} epoch {epoch}/{plan.epochs}",
+            unit="step",
+            mininterval=1.0,
+            dynamic_ncols=True,
+            disable=not world.is_main,
+        )
+        for step in bar:
+            global_step = (epoch - 1) * plan.steps_per_epoch + step + 1
+            idx = order[step * tp.batch_size : (step + 1) * tp.batch_size]
+            rows = world.rows(len(idx))  # all of them in a single process
+            x0 = to_model_range(self.data.images[idx[rows]]).to(self.device)
+            y = None
+            if self.conditional:
+                drop = torch.rand(len(idx), generator=self.generator) < self.params.train_cond.p_uncond
+                y = self.data.labels[idx].masked_fill(drop, NUM_CLASSES)[rows].to(self.device)  # NUM_CLASSES: ∅
+            share = x0.shape[0] * world.size / len(idx)  # 1 in a single process
+            distributed = world.size > 1
+            stats = train_step(
+                self.opt, self.schedule, x0, y, self.generator, self.autocast, self.objective,
+                len(idx) if distributed else None, rows, share,
+            )  # fmt: skip
+            seen += len(idx)
+            loss_sum += stats.terms.loss * x0.shape[0]
+            meter.add(stats)
+            if global_step in self.snapshot_steps:
+                result.snapshots[global_step] = _ema_copy(self.opt)
+            if step % PROGRESS_EVERY == 0 or step == steps - 1:
+                # The host sync of the step loop: progress, and a check for divergence.
+                self._check_finite(loss_sum, epoch, step)
+                rate = seen / (time.perf_counter() - started - preview_seconds)
+                bar.set_postfix(loss=f"{stats.terms.loss.item():.4f}", img_s=f"{rate:.0f}")
+            if global_step % tp.log_every == 0 or step == steps - 1:
+                # Also at each epoch's end, so that a run resumed from an epoch's checkpoint
+                # logs the very points of an uninterrupted one.
+                now = time.perf_counter()
+                point = meter.take(world)
+                point["lr"] = float(self.opt.scheduler.get_last_lr()[0])
+                point["images_per_s"] = meter.taken_images / max(now - interval_started, 1e-9)
+                result.curve.append({"step": global_step, "epoch": epoch, **point})
+                if self.tracker is not None:
+                    self.tracker.log_metrics(point, step=global_step)
+                interval_started = now
+            if self.tracker is not None and (global_step % tp.preview_every == 0 or global_step == plan.total_steps):
+                spent = self._preview(global_step)
+                preview_seconds += spent
+                interval_started += spent
+        bar.close()
+
+        seconds = time.perf_counter() - started - preview_seconds
+        mean_loss = world.sum(loss_sum).item() / seen
+        result.losses.append(mean_loss)
+        result.images_per_s.append(seen / seconds)
+        result.epoch_seconds.append(seconds)
+        if self.tracker is not None:
+            self.tracker.log_metrics(
+                {"epoch_loss": mean_loss, "epoch_images_per_s": seen / seconds, "epoch_seconds": seconds}, step=epoch
+            )
+
+    def _check_finite(self, loss_sum: torch.Tensor, epoch: int, step: int) -> None:
+        if not math.isfinite(self.world.sum(loss_sum.clone()).item()):
+            last = f"{self.resume_path} (epoch {epoch - 1})" if epoch > 1 else "none (first epoch)"
+            raise TrainingError(
+                f"{self.name}: loss became {loss_sum.item()} in epoch {epoch} by step {step + 1}; "
+                f"try a lower train.lr; last good checkpoint: {last}"
+            )
+
+    def _preview(self, global_step: int) -> float:
+        """Log the fixed-noise grid of the EMA model; return the seconds it took."""
+        assert self.tracker is not None
+        started = time.perf_counter()
+        self.opt.ema.module.eval()
+        grid = preview_grid(self.opt.ema.module, self.params, self.conditional, self.device, self.autocast)
+        self.tracker.log_image(grid, key="samples", step=global_step)
+        return time.perf_counter() - started
+
+
 def train_diffusion(
     data: ImageSet,
     params: Params,
@@ -282,8 +487,11 @@ def train_diffusion(
     name: str = "train",
     device: torch.device | None = None,
     world: World | None = None,
+    snapshot_steps: tuple[int, ...] | None = None,
 ) -> TrainResult:
-    """Train the network on `data` for `params.epochs` epochs and return the EMA weights.
+    """Train the network on `data` for its share of `params.epochs` (`TrainingPlan`) and
+    return the EMA weights, with the EMA weights at each of `snapshot_steps` (default: the
+    guide's step, `TrainingPlan.guide_step`) in `TrainResult.snapshots`.
 
     Every `train.log_every` optimizer steps and at each epoch's end, `tracker` gets the loss, lr, gradient norm,
     images/s and the ε-loss in NOISE_BUCKETS timestep ranges at step = the global
@@ -292,9 +500,9 @@ def train_diffusion(
     epoch, its mean loss (`epoch_loss`), images/s and seconds at step = the epoch.
 
     After every epoch the full state (model, EMA, optimizer, LR schedule, RNG states,
-    the curve so far) goes to `resume_path`; a later call with the same params continues
-    from there, logs the saved curve to its tracker again (so its run has the whole of
-    it), and ends with the same bytes as an uninterrupted run.
+    the curve and snapshots so far) goes to `resume_path`; a later call with the same
+    params continues from there, logs the saved curve to its tracker again (so its run has
+    the whole of it), and ends with the same bytes as an uninterrupted run.
 
     In a `world` of several processes (torch.distributed, process group joined) each
     trains on its rows of every batch; all get the same weights back, only rank 0 saves
@@ -302,147 +510,27 @@ def train_diffusion(
     """
     world = world or World()
     device = device or hardware.pick_device()
-    tp = params.train
     generator = seed_everything(params.seed)
-    precision = hardware.resolve_precision(tp.precision, device)
-    autocast = hardware.autocast_factory(precision, device)
-
-    schedule = make_schedule(params.diffusion.schedule, params.diffusion.timesteps)
+    precision = hardware.resolve_precision(params.train.precision, device)
+    plan = TrainingPlan.of(len(data), params, conditional)
     model = hardware.place_model(build_unet(params.model, NUM_CLASSES if conditional else None), device, precision)
-    steps_per_epoch = math.ceil(len(data) / tp.batch_size)
-    total_steps = steps_per_epoch * params.epochs
-    opt = Optimization.build(model, tp, total_steps, precision, device)
+    opt = Optimization.build(model, params.train, plan.total_steps, precision, device)
     opt.net = wrap(model, world, device)
-    distributed = world.size > 1
-    objective = Objective.of(params)
     fingerprint = run_fingerprint(params, conditional)
     result = TrainResult(ema_state_dict={}, precision=precision, device=str(device))
-    start_epoch = 1
-    if resume_path.exists():
-        state = load_safe(resume_path)
-        if state.get("fingerprint") == fingerprint:
-            opt.load_state_dict(state["optimization"])
-            restore_rng_state(state["rng"], generator)
-            result.losses, result.images_per_s, result.epoch_seconds = (
-                state["losses"],
-                state["images_per_s"],
-                state["epoch_seconds"],
-            )
-            result.curve = state["curve"]
-            start_epoch = state["epoch"] + 1
-            result.resumed_after_epoch = state["epoch"]
-            if world.is_main:
-                print(f"{name}: resuming after epoch {state['epoch']} from {resume_path}", flush=True)
-            if tracker is not None:
-                for row in result.curve:
-                    tracker.log_metrics(
-                        {k: v for k, v in row.items() if k not in ("step", "epoch")}, step=int(row["step"])
-                    )
-                for epoch, (epoch_loss, rate, seconds) in enumerate(
-                    zip(result.losses, result.images_per_s, result.epoch_seconds, strict=True), start=1
-                ):
-                    tracker.log_metrics(
-                        {"epoch_loss": epoch_loss, "epoch_images_per_s": rate, "epoch_seconds": seconds}, step=epoch
-                    )
-
-    images, labels = data.images, data.labels
-    null_class = NUM_CLASSES
-    meter = CurveMeter(schedule.timesteps, device)
-    for epoch in range(start_epoch, params.epochs + 1):
-        model.train()
-        order = torch.randperm(len(data), generator=generator)
-        loss_sum = torch.zeros((), device=device)
-        started = interval_started = time.perf_counter()
-        preview_seconds = 0.0  # not training time: left out of images/s and epoch_seconds
-        bar = tqdm(
-            range(steps_per_epoch),
-            desc=f"{name} epoch {epoch}/{params.epochs}",
-            unit="step",
-            mininterval=1.0,
-            dynamic_ncols=True,
-            disable=not world.is_main,
-        )
-        for step in bar:
-            global_step = (epoch - 1) * steps_per_epoch + step + 1
-            idx = order[step * tp.batch_size : (step + 1) * tp.batch_size]
-            rows = world.rows(len(idx))  # all of them in a single process
-            x0 = to_model_range(images[idx[rows]]).to(device)
-            y = None
-            if conditional:
-                drop = torch.rand(len(idx), generator=generator) < params.train_cond.p_uncond
-                y = labels[idx].masked_fill(drop, null_class)[rows].to(device)
-            share = x0.shape[0] * world.size / len(idx)  # 1 in a single process
-            stats = train_step(
-                opt, schedule, x0, y, generator, autocast, objective, len(idx) if distributed else None, rows, share
-            )
-            loss = stats.terms.loss
-            loss_sum += loss * x0.shape[0]
-            meter.add(stats)
-            if step % PROGRESS_EVERY == 0 or step == steps_per_epoch - 1:
-                # The host sync of the step loop: progress, and a check for divergence.
-                if not math.isfinite(world.sum(loss_sum.clone()).item()):
-                    bar.close()
-                    last = f"{resume_path} (epoch {epoch - 1})" if epoch > 1 else "none (first epoch)"
-                    raise TrainingError(
-                        f"{name}: loss became {loss_sum.item()} in epoch {epoch} by step {step + 1}; "
-                        f"try a lower train.lr; last good checkpoint: {last}"
-                    )
-                rate = (step + 1) * tp.batch_size / (time.perf_counter() - started - preview_seconds)
-                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}")
-            if global_step % tp.log_every == 0 or step == steps_per_epoch - 1:
-                # Also at each epoch's end, so that a run resumed from an epoch's checkpoint
-                # logs the very points of an uninterrupted one.
-                now = time.perf_counter()
-                point = meter.take(world)
-                images_seen = meter.taken_images
-                point["lr"] = float(opt.scheduler.get_last_lr()[0])
-                point["images_per_s"] = images_seen / max(now - interval_started, 1e-9)
-                result.curve.append({"step": global_step, "epoch": epoch, **point})
-                if tracker is not None:
-                    tracker.log_metrics(point, step=global_step)
-                interval_started = now
-            if tracker is not None and (global_step % tp.preview_every == 0 or global_step == total_steps):
-                preview_started = time.perf_counter()
-                opt.ema.module.eval()
-                tracker.log_image(
-                    preview_grid(opt.ema.module, params, conditional, device, autocast), key="samples", step=global_step
-                )
-                spent = time.perf_counter() - preview_started
-                preview_seconds += spent
-                interval_started += spent
-        bar.close()
-
-        seconds = time.perf_counter() - started - preview_seconds
-        mean_loss = world.sum(loss_sum).item() / len(data)
-        result.losses.append(mean_loss)
-        result.images_per_s.append(len(data) / seconds)
-        result.epoch_seconds.append(seconds)
-        if tracker is not None:
-            tracker.log_metrics(
-                {"epoch_loss": mean_loss, "epoch_images_per_s": len(data) / seconds, "epoch_seconds": seconds},
-                step=epoch,
-            )
-
+    start_epoch = _resume(resume_path, fingerprint, opt, generator, result, tracker, world, name)
+    loop = _Loop(
+        data, params, conditional, plan, opt, make_schedule(params.diffusion.schedule, params.diffusion.timesteps),
+        Objective.of(params), generator, hardware.autocast_factory(precision, device), device, world, tracker, name,
+        result, frozenset((plan.guide_step,) if snapshot_steps is None else snapshot_steps), resume_path,
+    )  # fmt: skip
+    for epoch in range(start_epoch, plan.epochs + 1):
+        loop.epoch(epoch)
         if not world.is_main:
             continue
-        save_atomic(
-            {
-                "fingerprint": fingerprint,
-                "epoch": epoch,
-                "optimization": opt.state_dict(),
-                "rng": rng_state(generator),
-                "losses": result.losses,
-                "images_per_s": result.images_per_s,
-                "epoch_seconds": result.epoch_seconds,
-                "curve": result.curve,
-            },
-            resume_path,
-        )
+        _checkpoint(resume_path, fingerprint, epoch, opt, generator, result)
         # Printed once the epoch is saved: from here on, an interruption resumes after it.
-        print(
-            f"{name} epoch {epoch}: loss {mean_loss:.4f}, {len(data) / seconds:.0f} images/s, {seconds:.0f} s",
-            flush=True,
-        )
-
-    result.ema_state_dict = {k: v.detach().cpu().clone() for k, v in opt.ema.module.state_dict().items()}
+        rate, seconds = result.images_per_s[-1], result.epoch_seconds[-1]
+        print(f"{name} epoch {epoch}: loss {result.losses[-1]:.4f}, {rate:.0f} images/s, {seconds:.0f} s", flush=True)
+    result.ema_state_dict = _ema_copy(opt)
     return result

@@ -12,6 +12,7 @@ import torch
 from torchvision.utils import make_grid
 
 from ddpm_core.data import to_uint8
+from ddpm_core.evaluation import CLASS_BALANCE_GATE
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -118,6 +119,55 @@ def guidance_sweep_figure(rows: list[dict], fid_floor: float, num_samples: int) 
     )
     fid.legend()
     for ax in (acc, fid):
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def autoguidance_sweep_figure(
+    rows: list[dict], fid_floor: float, num_samples: int, fid_alt_floor: float | None = None
+) -> Figure:
+    """Unconditional samples against the autoguidance weight, side by side: FID over its
+    real-data floor in each judge's space (rows' `fid`, and `fid_alt` with `fid_alt_floor`),
+    and the largest class deviation in points (`max_class_deviation`, and
+    `max_class_deviation_alt` where the rows have it) under a dashed line at the
+    class-balance gate, CLASS_BALANCE_GATE."""
+    fig = _figure(9, 3.3)
+    weights = [r["autoguidance"] for r in rows]
+    fid, spread = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    judges = [("", fid_floor, "first judge", "tab:orange")]
+    if fid_alt_floor is not None and all("fid_alt" in r for r in rows):
+        judges.append(("_alt", fid_alt_floor, "second judge", "tab:purple"))
+    for s, floor, name, color in judges:
+        fid.plot(
+            weights, [r[f"fid{s}"] / floor for r in rows], marker="o", color=color, label=f"{name} (floor {floor:.2f})"
+        )
+        if all(f"fid{s}_ci95" in r for r in rows):  # 95 % bootstrap intervals
+            low, high = (
+                [r[f"fid{s}_ci95"]["low"] / floor for r in rows],
+                [r[f"fid{s}_ci95"]["high"] / floor for r in rows],
+            )
+            fid.fill_between(weights, low, high, color=color, alpha=0.2, lw=0)
+    fid.axhline(1.0, color="tab:red", lw=1, ls="--", label="real-data floor")
+    fid.set(
+        xlabel="autoguidance weight", ylabel="FID / real-data floor", title=f"FID, {num_samples} samples per weight"
+    )
+    fid.legend(fontsize=8)
+    spread.plot(weights, [100 * r["max_class_deviation"] for r in rows], marker="o", label="first judge")
+    if all("max_class_deviation_alt" in r for r in rows):
+        spread.plot(
+            weights, [100 * r["max_class_deviation_alt"] for r in rows], marker="s", ls=":", label="second judge"
+        )
+    gate = 100 * CLASS_BALANCE_GATE
+    spread.axhline(gate, color="tab:red", lw=1, ls="--", label=f"class-balance gate ({gate:g} points)")
+    top = max([gate, *(100 * r.get(k, 0.0) for r in rows for k in ("max_class_deviation", "max_class_deviation_alt"))])
+    spread.set(
+        xlabel="autoguidance weight",
+        ylabel="largest |class share − 10 %| (points)",
+        title="Class balance of the predicted digits",
+        ylim=(0, 1.15 * top),
+    )
+    spread.legend(fontsize=8)
+    for ax in (fid, spread):
         ax.grid(alpha=0.3)
     return fig
 

@@ -10,7 +10,9 @@ space of models/evaluator.pt (the formula of torchmetrics' FrechetInceptionDista
 that network as `feature=`; nothing is downloaded), beside the real-data floor: the FID of
 `evaluate.num_samples` real training images. With `evaluate.guidance_sweep`, also the
 conditional accuracy and FID at each weight (metrics key `guidance_sweep`, beside its
-own floor for `evaluate.sweep_samples` images). Writes reports/metrics.json (DVC
+own floor for `evaluate.sweep_samples` images). With `evaluate.autoguidance_sweep`, the
+FID in both judges' spaces and the class spread of the unconditional samples at each
+autoguidance weight (metrics key `autoguidance_sweep`, beside the same floor). Writes reports/metrics.json (DVC
 metrics) and logs every number to the pipeline's parent MLflow run as well.
 """
 
@@ -26,7 +28,9 @@ from ddpm_core.config import Params
 from ddpm_core.data import ImageSet, dataset_record, load_images
 from ddpm_core.evaluation import (
     FidelityJudge,
+    autoguidance_sweep_rows,
     classification_accuracy_score,
+    evaluate_autoguidance_sweep,
     evaluate_guidance_sweep,
     evaluate_samples,
     fidelity_metrics,
@@ -35,7 +39,12 @@ from ddpm_core.evaluation import (
     sweep_rows,
 )
 from ddpm_core.files import write_text_atomic
-from ddpm_core.generation import load_labelled_samples, load_samples, sweep_samples_path
+from ddpm_core.generation import (
+    autoguidance_samples_path,
+    load_labelled_samples,
+    load_samples,
+    sweep_samples_path,
+)
 from ddpm_core.pixels import pixel_metrics
 
 SAMPLES = Path("data/samples")
@@ -52,6 +61,7 @@ def run(params: Params) -> None:
     uncond, _ = load_samples(SAMPLES / "uncond.npz")
     cond, cond_labels = load_labelled_samples(SAMPLES / "cond.npz")
     sweep = {w: load_labelled_samples(sweep_samples_path(SAMPLES, w)) for w in ep.guidance_sweep}
+    autoguided = {a: load_samples(autoguidance_samples_path(SAMPLES, a))[0] for a in ep.autoguidance_sweep}
     with common.stage_run("evaluate", params) as run:
         run.log_dataset(
             **dataset_record(common.DATA, params.data.dataset, test, False, ep.test_subset), context="evaluation"
@@ -88,6 +98,10 @@ def run(params: Params) -> None:
         if sweep:
             metrics["guidance_sweep"] = evaluate_guidance_sweep(
                 classifier, fid, real.images, sweep, fid_alt, intervals=(judges, 0)
+            )
+        if autoguided:
+            metrics["autoguidance_sweep"] = evaluate_autoguidance_sweep(
+                classifier, fid, real.images, autoguided, fid_alt, intervals=(judges, 0)
             )
         write_text_atomic(Path("reports/metrics.json"), json.dumps(metrics, indent=2) + "\n")
         # Each model's own numbers are linked to its logged model (its MLflow page lists
@@ -129,6 +143,14 @@ def run(params: Params) -> None:
     )
     for row in sweep_rows(metrics):
         print(f"evaluate: guidance {row['guidance']:g}: accuracy {row['cond_accuracy']:.4f}, FID {row['fid']:.2f}")
+    for row in autoguidance_sweep_rows(metrics):
+        floors = metrics["autoguidance_sweep"]
+        print(
+            f"evaluate: autoguidance {row['autoguidance']:g} (unconditional): "
+            f"FID {row['fid']:.2f} ({row['fid'] / floors['fid_floor']:.2f}× floor), "
+            f"second judge {row['fid_alt']:.2f} ({row['fid_alt'] / floors['fid_alt_floor']:.2f}× floor); "
+            f"largest class deviation {100 * row['max_class_deviation']:.1f} points"
+        )
 
 
 if __name__ == "__main__":

@@ -3,9 +3,12 @@
 Writes to reports/figures/: loss.png (both models), samples.png (generated grids),
 real_vs_generated.png, per_class_accuracy.png, class_fractions.png, nearest_training.png
 (the ten generated digits nearest a training image, each above it), guidance_sweep.png
-(when evaluate.guidance_sweep is set; its table in reports/guidance_sweep.csv), and denoising.gif
-(the conditional model drawing four of each digit, from noise to digits, with the
-`sample` params' sampler, steps and guidance); a per-class table
+(when evaluate.guidance_sweep is set; its table in reports/guidance_sweep.csv),
+autoguidance_sweep.png (when evaluate.autoguidance_sweep is set: the unconditional model's
+FID over the floor of both judges and its class spread against the autoguidance weight;
+its table in reports/autoguidance_sweep.csv), and denoising.gif (the conditional model
+drawing four of each digit, from noise to digits, with the `sample` params' sampler,
+steps, guidance and autoguidance by models/cond_guide.pt); a per-class table
 reports/per_class.csv for `dvc plots`; and reports/report.md with params, metrics beside
 the real-data floor, figures, software versions and git revision.
 """
@@ -24,13 +27,14 @@ from ddpm_core import hardware
 from ddpm_core.animation import denoising_gif
 from ddpm_core.config import Params, flatten
 from ddpm_core.data import DATASETS, NUM_CLASSES, load_images, to_model_range
-from ddpm_core.evaluation import sweep_rows
+from ddpm_core.evaluation import autoguidance_sweep_rows, sweep_rows
 from ddpm_core.files import write_atomic, write_text_atomic
 from ddpm_core.generation import load_labelled_samples, load_samples, load_unet, sampler_for
 from ddpm_core.prompts import class_labels
 from ddpm_core.report import render_report
 from ddpm_core.seeding import derived_seed, seed_everything
 from ddpm_core.viz import (
+    autoguidance_sweep_figure,
     class_rows_grid,
     grid_figure,
     guidance_sweep_figure,
@@ -54,16 +58,22 @@ def save_figure(fig: Figure, path: Path) -> None:
 
 
 def denoising_animation(params: Params, path: Path) -> None:
-    """The conditional model drawing ANIMATION_COLUMNS of each digit, one row per digit."""
+    """The conditional model drawing ANIMATION_COLUMNS of each digit, one row per digit,
+    with the sample stage's sampler: guidance `sample.guidance` and autoguidance by its
+    guide (models/cond_guide.pt) at `sample.autoguidance_cond`."""
     sp = params.sample
     seed_everything(params.seed)
     device = hardware.pick_device()
     autocast = hardware.sampling_autocast(device)
     model = load_unet(Path("models/cond.pt"), params.model, True, device)
+    guide = load_unet(Path("models/cond_guide.pt"), params.model, True, device)
     sampler = sampler_for(params.diffusion, sp.model_dump())
     labels = torch.arange(NUM_CLASSES).repeat_interleave(ANIMATION_COLUMNS)
     generator = torch.Generator().manual_seed(derived_seed(params.seed, "plot/denoising"))
-    denoising_gif(path, model, sampler, labels, ANIMATION_COLUMNS, generator, sp.guidance, device, autocast)
+    denoising_gif(
+        path, model, sampler, labels, ANIMATION_COLUMNS, generator, sp.guidance, device, autocast,
+        guide=guide, autoguidance=sp.autoguidance_cond,
+    )  # fmt: skip
 
 
 def run(params: Params) -> None:
@@ -130,6 +140,13 @@ def run(params: Params) -> None:
                 "guidance_sweep.png",
                 guidance_sweep_figure(sweep, floor, n),
             )
+        autoguided = autoguidance_sweep_rows(metrics)
+        if autoguided:
+            ag = metrics["autoguidance_sweep"]
+            figures["Autoguidance sweep: unconditional FID over the floor and class deviation against the weight"] = (
+                "autoguidance_sweep.png",
+                autoguidance_sweep_figure(autoguided, ag["fid_floor"], ag["num_samples"], ag.get("fid_alt_floor")),
+            )
         for _, (name, fig) in figures.items():
             save_figure(fig, FIGURES / name)
         denoising_animation(params, FIGURES / ANIMATION)
@@ -147,6 +164,12 @@ def run(params: Params) -> None:
         write_text_atomic(
             REPORTS / "guidance_sweep.csv",
             pd.DataFrame(sweep, columns=["guidance", "cond_accuracy", "fid"]).to_csv(index=False),
+        )
+        write_text_atomic(
+            REPORTS / "autoguidance_sweep.csv",
+            pd.DataFrame(autoguided, columns=["autoguidance", "fid", "fid_alt", "max_class_deviation"]).to_csv(
+                index=False
+            ),
         )
 
         environment = common.run_environment()

@@ -1,12 +1,16 @@
 """Stage sample: draw images from the EMA weights of both diffusion models.
 
-With `sample.sampler`, `sample.steps`, `sample.guidance` (and `sample.eta`), draws
+With `sample.sampler`, `sample.steps`, `sample.guidance` (and `sample.eta`), and
+autoguidance by each model's guide (models/<kind>_guide.pt, an earlier EMA snapshot of
+the same training) at `sample.autoguidance_uncond` / `sample.autoguidance_cond`, draws
 `evaluate.num_samples` unconditional images and as many conditional ones, balanced over
 the ten classes. Writes data/samples/uncond.npz (array `images`, uint8, N×28×28),
 data/samples/cond.npz (`images` and `labels`, int64) and PNG grids beside them
 (unconditional 10×10; conditional one row per digit). For each weight w of
 `evaluate.guidance_sweep`, `evaluate.sweep_samples` conditional images at guidance w in
-data/samples/sweep/guidance_<w>.npz, for the evaluate stage's sweep.
+data/samples/sweep/guidance_<w>.npz; for each weight a of `evaluate.autoguidance_sweep`,
+as many unconditional images at autoguidance a in data/samples/sweep/autoguidance_<a>.npz:
+the evaluate stage's sweeps.
 """
 
 import argparse
@@ -21,7 +25,15 @@ import common
 from ddpm_core import hardware
 from ddpm_core.config import Params
 from ddpm_core.files import write_atomic
-from ddpm_core.generation import balanced_labels, generate, load_unet, sampler_for, save_samples, sweep_samples_path
+from ddpm_core.generation import (
+    autoguidance_samples_path,
+    balanced_labels,
+    generate,
+    load_unet,
+    sampler_for,
+    save_samples,
+    sweep_samples_path,
+)
 from ddpm_core.seeding import derived_seed, seed_everything
 from ddpm_core.viz import class_rows_grid, image_grid
 
@@ -41,15 +53,21 @@ def run(params: Params) -> None:
     n = params.evaluate.num_samples
     with common.stage_run("sample", params) as run:
         rates = {}
+        models, guides = {}, {}
         for kind in ("uncond", "cond"):
             conditional = kind == "cond"
-            model = load_unet(Path("models") / f"{kind}.pt", params.model, conditional, device)
+            models[kind] = load_unet(Path("models") / f"{kind}.pt", params.model, conditional, device)
+            guides[kind] = load_unet(Path("models") / f"{kind}_guide.pt", params.model, conditional, device)
+        weights = {"uncond": sp.autoguidance_uncond, "cond": sp.autoguidance_cond}
+        for kind in ("uncond", "cond"):
+            conditional = kind == "cond"
             labels = balanced_labels(n) if conditional else None
             generator = torch.Generator().manual_seed(derived_seed(params.seed, f"sample/{kind}"))
             started = time.perf_counter()
             images = generate(
-                model, sampler, n, generator, labels,
+                models[kind], sampler, n, generator, labels,
                 sp.guidance if conditional else 1.0, sp.batch_size, device, autocast, desc=f"sample {kind}",
+                guide=guides[kind], autoguidance=weights[kind],
             )  # fmt: skip
             rates[kind] = n / (time.perf_counter() - started)
             if labels is not None:  # conditional
@@ -70,10 +88,19 @@ def run(params: Params) -> None:
             labels = balanced_labels(sweep_n)
             generator = torch.Generator().manual_seed(derived_seed(params.seed, f"sample/sweep/{w:g}"))
             images = generate(
-                model, sampler, sweep_n, generator, labels,
+                models["cond"], sampler, sweep_n, generator, labels,
                 w, sp.batch_size, device, autocast, desc=f"sweep guidance {w:g}",
+                guide=guides["cond"], autoguidance=sp.autoguidance_cond,
             )  # fmt: skip
             save_samples(sweep_samples_path(OUT, w), images, labels)
+        for a in params.evaluate.autoguidance_sweep:
+            generator = torch.Generator().manual_seed(derived_seed(params.seed, f"sample/autoguidance/{a:g}"))
+            images = generate(
+                models["uncond"], sampler, sweep_n, generator, None,
+                1.0, sp.batch_size, device, autocast, desc=f"sweep autoguidance {a:g}",
+                guide=guides["uncond"], autoguidance=a,
+            )  # fmt: skip
+            save_samples(autoguidance_samples_path(OUT, a), images)
 
 
 if __name__ == "__main__":

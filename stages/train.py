@@ -2,12 +2,14 @@
 (data/dataset, from fetch_data).
 
 Writes the EMA weights to models/<kind>.pt (a state_dict; load it with
-torch.load(path, weights_only=True)), the loss curve to reports/loss_<kind>.csv (step,
+torch.load(path, weights_only=True)), the EMA weights at `train.guide_at` of the training
+steps to models/<kind>_guide.pt (autoguidance's guide: an earlier, worse version of the
+same model, free since it is a snapshot of the same run), the loss curve to reports/loss_<kind>.csv (step,
 epoch, loss: one row every `train.log_every` optimizer steps and at each epoch's end) and
 a summary to reports/train_<kind>.json. Logs params, that curve with lr, gradient norm,
 images/s and the ε-loss by noise level, the per-epoch mean loss, and a sample grid every
 `train.preview_every` steps to the stage's MLflow run, with the training set as its input
-dataset. The EMA weights become an MLflow logged model (a pyfunc that draws images) and a
+dataset. The EMA weights (with the guide) become an MLflow logged model (a pyfunc that draws images) and a
 new version of the registered model ddpm-mnist-<kind>, tagged with the DVC experiment and
 the git revision. An interrupted run resumes from
 its last completed epoch when started again with the same params.
@@ -32,7 +34,7 @@ from ddpm_core.data import ImageSet, dataset_record, load_images
 from ddpm_core.distributed import World, check_processes, join, launch, leave
 from ddpm_core.files import save_atomic, write_text_atomic
 from ddpm_core.tracking import registered_name
-from ddpm_core.train import CURVE_COLUMNS, run_fingerprint, train_diffusion
+from ddpm_core.train import CURVE_COLUMNS, TrainingPlan, run_fingerprint, train_diffusion
 
 
 def run(params: Params, kind: str) -> None:
@@ -81,7 +83,9 @@ def train_and_record(
                     file=sys.stderr,
                 )
             raise
-        weights = Path("models") / f"{kind}.pt"
+        plan = TrainingPlan.of(len(data), params, conditional)
+        weights, guide = Path("models") / f"{kind}.pt", Path("models") / f"{kind}_guide.pt"
+        save_atomic(result.snapshots[plan.guide_step], guide)
         save_atomic(result.ema_state_dict, weights)
         rows = "".join(f"{row['step']},{row['epoch']},{row['loss']:.6f}\n" for row in result.curve)
         write_text_atomic(Path("reports") / f"loss_{kind}.csv", ",".join(CURVE_COLUMNS) + "\n" + rows)
@@ -89,6 +93,8 @@ def train_and_record(
             "final_loss": result.losses[-1],
             "images_per_s": sum(result.images_per_s) / len(result.images_per_s),
             "train_seconds": sum(result.epoch_seconds),
+            "steps": plan.total_steps,
+            "guide_step": plan.guide_step,
         }
         write_text_atomic(Path("reports") / f"train_{kind}.json", json.dumps(summary, indent=2) + "\n")
         # "images_per_s" is a curve; the run's mean gets its own key.
@@ -108,8 +114,9 @@ def train_and_record(
             }
         )
         run.log_artifact(weights, "checkpoint")
+        run.log_artifact(guide, "checkpoint")
         model_id, version = run.log_model(
-            kind, weights, common.stage_keys(stage, params), common.model_version_tags(params)
+            kind, weights, common.stage_keys(stage, params), common.model_version_tags(params), guide=guide
         )
         print(f"{stage}: logged model {model_id}, registered as models:/{registered_name(kind)}/{version}", flush=True)
     resume_path.unlink(missing_ok=True)

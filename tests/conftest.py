@@ -48,6 +48,7 @@ TINY = {
     "evaluate": {
         "num_samples": 20,
         "guidance_sweep": [0, 3],
+        "autoguidance_sweep": [1, 2],
         "sweep_samples": 10,
         "cas_samples": 20,
         "cas_epochs": 1,

@@ -114,3 +114,18 @@ def test_last_timestep_must_leave_room_for_every_step():
     parse_params(tiny_raw(sample={"steps": 10, "t_min": 990}))  # the largest that fits
     parse_params(tiny_raw(sample={"sampler": "ddpm", "t_min": 995}))  # DDPM visits all T: unused
     parse_params(tiny_raw(sample={"t_min": None}))
+
+
+def test_autoguidance_and_budget_keys_are_checked_and_named():
+    assert error_of(train={"guide_at": 0}).startswith("params.yaml: train.guide_at = 0:")
+    assert error_of(train={"guide_at": 1.5}).startswith("params.yaml: train.guide_at = 1.5:")
+    assert error_of(train={"cond_share": 1.0}).startswith("params.yaml: train.cond_share = 1.0:")
+    assert error_of(sample={"autoguidance_uncond": float("inf")}).startswith(
+        "params.yaml: sample.autoguidance_uncond = inf:"
+    )
+    assert error_of(sample={"autoguidance_cond": float("nan")}).startswith(
+        "params.yaml: sample.autoguidance_cond = nan:"
+    )
+    assert error_of(sample={"autoguidance_cond": -1}).startswith("params.yaml: sample.autoguidance_cond = -1:")
+    assert "evaluate.autoguidance_sweep.1 = -2" in error_of(evaluate={"autoguidance_sweep": [1, -2]})
+    assert "autoguidance_sweep lists a weight twice" in error_of(evaluate={"autoguidance_sweep": [2, 2]})

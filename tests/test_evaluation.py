@@ -3,15 +3,20 @@ import itertools
 import pytest
 import torch
 
+from ddpm_core.data import ImageSet, load_images
 from ddpm_core.evaluation import (
     Classifier,
     FeatureFID,
+    FidelityJudge,
     accuracy,
+    autoguidance_sweep_rows,
     class_histogram,
+    evaluate_autoguidance_sweep,
     evaluate_guidance_sweep,
     predict,
     random_shift,
     sweep_rows,
+    train_classifier,
 )
 
 
@@ -100,3 +105,57 @@ def test_guidance_sweep_scores_each_weight_beside_the_floor_for_its_size(classif
     assert sweep["w0"]["fid"] == pytest.approx(fid.score(images)) and sweep["w2.5"]["fid"] > sweep["w0"]["fid"]
     assert [row["guidance"] for row in sweep_rows({"guidance_sweep": sweep})] == [0.0, 2.5]
     assert sweep_rows({}) == []
+
+
+@pytest.fixture(scope="module")
+def mnist_judges(mnist_root):
+    """Real MNIST and both judges' architectures trained on its first 6,000 digits (one
+    epoch each, seconds): over 90 % test accuracy, enough to count digits by class."""
+    train, test = load_images(mnist_root, "mnist", train=True), load_images(mnist_root, "mnist", train=False)
+    subset = ImageSet(train.images[:6000], train.labels[:6000])
+    cpu = torch.device("cpu")
+    judges = {
+        name: train_classifier(subset, 1, 128, 3e-3, seed, cpu, arch)
+        for seed, (name, arch) in enumerate((("", "vgg"), ("alt", "residual")))
+    }
+    return train, test, judges
+
+
+def test_autoguidance_sweep_puts_real_digits_at_the_floor_and_flags_a_single_class(mnist_judges):
+    train, test, judges = mnist_judges
+    fids = {name: FidelityJudge(judge, test.images[:2000], resamples=50) for name, judge in judges.items()}
+    n = 200
+    # Real digits no judge was trained on, n/10 of each class; and n digits all of one class.
+    unseen = ImageSet(train.images[10_000:], train.labels[10_000:])
+    real = torch.cat([unseen.images[unseen.labels == c][: n // 10] for c in range(10)])
+    ones = test.images[test.labels == 1][:n]  # all one class
+    sweep = evaluate_autoguidance_sweep(
+        judges[""], fids[""], train.images, {2.0: ones, 1.0: real}, fids["alt"], intervals=(fids, 0)
+    )
+    assert set(sweep) == {"num_samples", "fid_floor", "fid_alt_floor", "a1", "a2"} and sweep["num_samples"] == n
+    assert sweep["fid_floor"] == pytest.approx(fids[""].score(train.images[:n]))
+    assert sweep["fid_alt_floor"] == pytest.approx(fids["alt"].score(train.images[:n]))
+    row_keys = {
+        "autoguidance",
+        "fid",
+        "fid_alt",
+        "max_class_deviation",
+        "max_class_deviation_alt",
+        "fid_ci95",
+        "fid_alt_ci95",
+    }
+    assert set(sweep["a1"]) == set(sweep["a2"]) == row_keys
+    real_row, ones_row = sweep["a1"], sweep["a2"]
+    # Real digits score what as many real training digits score, and the judges find them
+    # balanced over the classes (up to their own errors); the single class is 0.9 off.
+    for s in ("", "_alt"):
+        assert 0.6 < real_row[f"fid{s}"] / sweep[f"fid{s}_floor"] < 1.6
+        assert ones_row[f"fid{s}"] > 5 * sweep[f"fid{s}_floor"]
+        assert real_row[f"fid{s}_ci95"]["low"] <= real_row[f"fid{s}"] <= real_row[f"fid{s}_ci95"]["high"]
+        assert real_row[f"max_class_deviation{s}"] < 0.08
+        # Every image a 1: a share of 1 for that class, 0.9 from the even 0.1.
+        assert ones_row[f"max_class_deviation{s}"] == pytest.approx(0.9, abs=0.02)
+    assert real_row["max_class_deviation"] == pytest.approx(class_histogram(predict(judges[""], real))[1])
+    rows = autoguidance_sweep_rows({"autoguidance_sweep": sweep})
+    assert [row["autoguidance"] for row in rows] == [1.0, 2.0]
+    assert autoguidance_sweep_rows({}) == []

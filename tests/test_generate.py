@@ -1,6 +1,7 @@
 """`ddpm generate` and the denoising animation. Untrained weights are enough here: what
 is checked is determinism, shapes and frame counts, not how the digits look."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,14 +25,21 @@ STEPS = 5  # tiny_raw's sample.steps
 
 @pytest.fixture
 def project(tmp_path, monkeypatch):
-    """A folder with tiny params.yaml and random weights in models/, as the working directory."""
-    raw = tiny_raw()
+    """A folder with tiny params.yaml (autoguidance off) and random weights in models/, the
+    models' and their autoguidance guides', as the working directory."""
+    raw = tiny_raw(sample={"autoguidance_cond": 1.0, "autoguidance_uncond": 1.0})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     params = parse_params(raw)
     (tmp_path / "models").mkdir()
     for kind, classes in (("cond", 10), ("uncond", None)):
         torch.manual_seed(0)
         torch.save(build_unet(params.model, classes).state_dict(), tmp_path / "models" / f"{kind}.pt")
+        # The guide: other weights, perturbed (an untrained U-Net's zero last layer outputs zeros).
+        guide = build_unet(params.model, classes)
+        with torch.no_grad():
+            for p in guide.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        torch.save(guide.state_dict(), tmp_path / "models" / f"{kind}_guide.pt")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -54,7 +62,7 @@ def test_same_seed_same_png_other_seed_other_png(project, capsys):
     with Image.open(project / "a.png") as image:
         assert image.size == grid_size(rows=2, columns=2)
     assert (
-        "wrote a.png: 4 images (digits 3 1, guidance 2.5; dpmpp2m, 5 steps, seed 0; models/cond.pt)"
+        "wrote a.png: 4 images (digits 3 1, guidance 2; dpmpp2m, 5 steps, seed 0; models/cond.pt)"
         in capsys.readouterr().out
     )
 
@@ -139,6 +147,95 @@ def test_user_errors_are_one_line(project, capsys, args, message):
         generate(*args)
     assert exit_info.value.code != 0
     assert capsys.readouterr().err.strip().splitlines() == [message]
+
+
+def test_autoguidance_samples_with_the_guide_file(project, capsys):
+    args = ("--unconditional", "--n", "4")
+    generate(*args, "--out", "plain.png")
+    generate(*args, "--autoguidance", "1", "--out", "one.png")
+    generate(*args, "--autoguidance", "2", "--out", "a.png")
+    generate(*args, "--autoguidance", "2", "--out", "b.png")
+    plain, one, a, b = ((project / n).read_bytes() for n in ("plain.png", "one.png", "a.png", "b.png"))
+    assert plain == one and a == b and a != plain
+    out = capsys.readouterr().out
+    assert "wrote one.png: 4 images (unconditional; dpmpp2m" in out
+    assert "wrote a.png: 4 images (unconditional, autoguidance 2; dpmpp2m, 5 steps, seed 0; models/uncond.pt)" in out
+    # Weight 0 is the guide alone: the image of the guide's weights sampled as the model.
+    generate(*args, "--autoguidance", "0", "--out", "guide_alone.png")
+    shutil.copy(project / "models" / "uncond_guide.pt", project / "models" / "uncond.pt")
+    generate(*args, "--out", "guide_as_model.png")
+    assert (project / "guide_alone.png").read_bytes() == (project / "guide_as_model.png").read_bytes()
+    generate("--prompt", "3 1", "--n", "2", "--autoguidance", "1.5", "--out", "c.png")
+    assert "wrote c.png: 4 images (digits 3 1, guidance 2, autoguidance 1.5; dpmpp2m" in capsys.readouterr().out
+
+
+def test_autoguidance_without_its_guide_is_one_line_naming_the_file(project, capsys):
+    for kind in ("cond", "uncond"):
+        (project / "models" / f"{kind}_guide.pt").unlink()
+    for args, kind, weight in (
+        (["--prompt", "7", "--autoguidance", "2"], "cond", "2"),
+        (["--unconditional", "--autoguidance", "0.5"], "uncond", "0.5"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            generate(*args)
+        assert exit_info.value.code == 1
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"error: models/{kind}_guide.pt: not found; autoguidance {weight} needs the guide: "
+            f"train it with `dvc repro train_{kind}`, or give --autoguidance 1"
+        ]
+    # params.yaml's weight needs the guide too; weight 1 does without.
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["sample"]["autoguidance_cond"] = 3.0
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(SystemExit):
+        generate("--prompt", "7")
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: models/cond_guide.pt: not found; autoguidance 3 needs the guide: "
+        "train it with `dvc repro train_cond`, or give --autoguidance 1"
+    ]
+    generate("--prompt", "7", "--autoguidance", "1", "--out", "plain.png")
+    assert (project / "plain.png").exists()
+
+
+@pytest.mark.parametrize("weight", ["-1", "inf", "nan"])
+def test_the_autoguidance_weight_is_finite_and_not_negative(project, capsys, weight):
+    with pytest.raises(SystemExit) as exit_info:
+        generate("--prompt", "7", "--autoguidance", weight)
+    assert exit_info.value.code == 2
+    assert f"argument --autoguidance: must be a finite number, 0 or more, got {weight}" in capsys.readouterr().err
+
+
+def test_a_registered_model_brings_its_guide(project, capsys, monkeypatch):
+    """--model models:/ddpm-mnist-cond/latest: the newest version, with the guide logged in it."""
+    from ddpm_core import tracking
+    from ddpm_core.config import flatten
+
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = flatten(parse_params(yaml.safe_load((project / "params.yaml").read_text())))
+    models = project / "models"
+    with tracking.stage_run(project, "p", "p", "train_cond", params, params) as run:
+        run.log_model("cond", models / "cond.pt", params, {}, guide=models / "cond_guide.pt")
+    args = ("--prompt", "3 1", "--n", "2")
+    generate(*args, "--autoguidance", "2", "--out", "local.png")
+    generate(*args, "--autoguidance", "2", "--model", "models:/ddpm-mnist-cond/latest", "--out", "registered.png")
+    assert (project / "local.png").read_bytes() == (project / "registered.png").read_bytes()
+    assert "autoguidance 2; dpmpp2m, 5 steps, seed 0; models:/ddpm-mnist-cond/latest)" in capsys.readouterr().out
+
+    # A newer version logged without a guide: refused with --autoguidance, sampled plainly without.
+    with tracking.stage_run(project, "p", "p", "train_cond", params, params) as run:
+        run.log_model("cond", models / "cond.pt", params, {})
+    with pytest.raises(SystemExit) as exit_info:
+        generate(*args, "--autoguidance", "2", "--model", "models:/ddpm-mnist-cond/latest")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line for line in err if not line.startswith("Downloading artifacts")] == [  # MLflow's progress bars
+        "error: --autoguidance 2: models:/ddpm-mnist-cond/latest has no autoguidance guide "
+        "(logged before guides were); leave out --autoguidance"
+    ]
+    generate(*args, "--model", "models:/ddpm-mnist-cond/2", "--out", "plain_registered.png")
+    generate(*args, "--autoguidance", "1", "--out", "plain_local.png")
+    assert (project / "plain_registered.png").read_bytes() == (project / "plain_local.png").read_bytes()
 
 
 @pytest.mark.slow

@@ -70,6 +70,33 @@ def test_noised_and_blurred_digits_score_clearly_worse(judges, mnist, arch):
     assert fid.score(blurred) > 3 * floor
 
 
+@pytest.mark.parametrize("arch", JUDGES)
+def test_broken_shapes_score_far_above_the_floor(judges, mnist, arch):
+    """Digits with broken strokes, as half of an undertrained model's samples look: the top
+    half of one digit on the bottom half of a digit of another class, and a 10×10 patch
+    erased from the middle of the digit. Pixel statistics stay MNIST's; the shapes do not."""
+    train, test = mnist
+    fid = FeatureFID(judges[arch], test.images)
+    clean, labels = train.images[:1000], train.labels[:1000]
+    floor = fid.score(clean)
+    g = torch.Generator().manual_seed(0)
+    donors = train.images[1000:3000]
+    donor_labels = train.labels[1000:3000]
+    # for each digit, the first donor of another class after a random start
+    other = torch.empty(len(clean), dtype=torch.long)
+    for i, start in enumerate(torch.randint(0, len(donors), (len(clean),), generator=g).tolist()):
+        order = (torch.arange(len(donors)) + start) % len(donors)
+        other[i] = order[donor_labels[order] != labels[i]][0]
+    spliced = clean.clone()
+    spliced[:, :, 14:] = donors[other][:, :, 14:]
+    erased = clean.clone()
+    corners = torch.randint(6, 13, (len(clean), 2), generator=g)  # the patch covers the middle
+    for image, (row, col) in zip(erased, corners.tolist(), strict=True):
+        image[:, row : row + 10, col : col + 10] = 0
+    assert fid.score(spliced) > 8 * floor
+    assert fid.score(erased) > 8 * floor
+
+
 def test_kid_precision_recall_and_memorization_controls(judges, mnist):
     """The issue's controls, in both judges' spaces: real digits score like real digits,
     copies of training images are flagged, noise has no precision, three digits of ten

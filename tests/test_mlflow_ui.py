@@ -389,7 +389,7 @@ def test_two_parent_runs_compare_params_metrics_and_sample_grids_side_by_side(br
     close_assistant(browser)
     lines = visible_lines(browser)
     # Params side by side, the changed one with both values; the runs' final metrics.
-    assert {first.info.run_name, SECOND, "sample.guidance 2.5 3.0"} <= lines, sorted(lines)[:80]
+    assert {first.info.run_name, SECOND, "sample.guidance 2.0 3.0"} <= lines, sorted(lines)[:80]
     at = browser.find_element(By.TAG_NAME, "body").text.splitlines().index("Metrics")
     # (the table draws the rows in view: the run's alphabetically first metric is one of them)
     first_metric = min(first.data.metrics)

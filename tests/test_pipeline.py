@@ -20,7 +20,7 @@ STAGES = ["fetch_data", "train_uncond", "train_cond", "train_evaluator", "sample
 METRICS = {
     "num_samples", "fid_floor", "fid_uncond", "fid_cond", "fid_uncond_over_floor", "fid_cond_over_floor",
     "cond_accuracy", "cond_accuracy_per_class", "uncond_class_fractions", "uncond_max_class_deviation",
-    "guidance_sweep",
+    "guidance_sweep", "autoguidance_sweep",
     "fid_alt_floor", "fid_alt_uncond", "fid_alt_cond", "fid_alt_uncond_over_floor", "fid_alt_cond_over_floor",
     "cond_accuracy_alt", "uncond_max_class_deviation_alt",
     "zero_pixels_uncond", "zero_pixels_cond", "zero_pixels_real", "pixel_hist_tv_uncond", "pixel_hist_tv_cond",
@@ -166,8 +166,29 @@ def test_repro_lands_outputs_metrics_and_one_parent_run(tiny_pipeline, tmp_path)
     assert "figures/guidance_sweep.png" in figures
     assert parent_runs(client)[0].data.metrics["guidance_sweep.w3.fid"] == pytest.approx(sweep["w3"]["fid"])
     assert sweep["w3"]["fid_ci95"]["low"] <= sweep["w3"]["fid"] <= sweep["w3"]["fid_ci95"]["high"]
+    # The autoguidance sweep: unconditional samples at each weight, both judges, class spread.
+    autoguided = metrics["autoguidance_sweep"]
+    assert set(autoguided) == {"num_samples", "fid_floor", "fid_alt_floor", "a1", "a2"}
+    assert autoguided["num_samples"] == params["evaluate"]["sweep_samples"]
+    assert autoguided["fid_floor"] == pytest.approx(sweep["fid_floor"])  # as many real images
+    for row in (autoguided["a1"], autoguided["a2"]):
+        assert {"fid", "fid_alt", "max_class_deviation", "max_class_deviation_alt", "fid_ci95"} <= set(row)
+        assert (
+            0 <= row["max_class_deviation"] <= 0.9 and row["fid_ci95"]["low"] <= row["fid"] <= row["fid_ci95"]["high"]
+        )
+    with np.load(project_clone / "data" / "samples" / "sweep" / "autoguidance_2.npz") as f:
+        assert f["images"].shape == (autoguided["num_samples"], 28, 28) and "labels" not in f.files
+    table = list(csv.DictReader((project_clone / "reports" / "autoguidance_sweep.csv").open()))
+    assert list(table[0]) == ["autoguidance", "fid", "fid_alt", "max_class_deviation"]
+    assert [float(r["autoguidance"]) for r in table] == [1.0, 2.0]
+    assert float(table[1]["fid_alt"]) == pytest.approx(autoguided["a2"]["fid_alt"])
+    assert (project_clone / "reports" / "figures" / "autoguidance_sweep.png").is_file()
+    assert "figures/autoguidance_sweep.png" in figures
+    assert parent_runs(client)[0].data.metrics["autoguidance_sweep.a2.fid"] == pytest.approx(autoguided["a2"]["fid"])
     # dvc exp show has the intervals as two columns (DVC leaves list-valued metrics out)
     table = run(["dvc", "exp", "show", "--csv", "--drop", ".*", "--keep", "fid_cond_ci95"], project_clone).stdout
     assert "fid_cond_ci95.low,fid_cond_ci95.high" in table.splitlines()[0]
     report = (project_clone / "reports" / "report.md").read_text()
     assert f"{metrics['fid_floor']:.3f}" in report and "torch" in report and "### Guidance sweep" in report
+    default = f"`sample.autoguidance_uncond` = {params['sample']['autoguidance_uncond']:g}"
+    assert "### Autoguidance sweep" in report and default in report

@@ -257,3 +257,53 @@ def test_dpm_solver_restarts_its_history_for_each_loop():
         a = sample(model, sampler, (2, 1, 5, 5), torch.Generator().manual_seed(1))
         b = sample(model, sampler, (2, 1, 5, 5), torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
+
+
+class Offset(nn.Module):
+    """A network whose output is `model`'s plus a constant: a 'worse version' with a known gap."""
+
+    def __init__(self, model, offset):
+        super().__init__()
+        self.model, self.offset, self.calls = model, offset, 0
+        self.null_class = model.null_class
+
+    def forward(self, xt, t, labels=None):
+        self.calls += 1
+        return self.model(xt, t, labels) + self.offset
+
+
+def test_autoguidance_weight_one_is_exactly_the_model_and_zero_exactly_the_guide():
+    schedule = make_schedule("linear", 1000)
+    model = ConstantDataEps(schedule, 0.3)
+    guide = Offset(ConstantDataEps(schedule, 0.3), 0.25)
+    xt, t = torch.randn(4, 1, 2, 2), torch.full((4,), 400)
+    assert torch.equal(guided_output(model, xt, t, None, 1.0, guide, 1.0), model(xt, t))
+    assert guide.calls == 0  # weight 1 never runs the guide
+    assert torch.equal(guided_output(model, xt, t, None, 1.0, guide, 0.0), guide(xt, t))
+    # G + w (M − G): the guide's gap of 0.25, extrapolated away from it
+    out = guided_output(model, xt, t, None, 1.0, guide, 2.5)
+    assert torch.allclose(out, model(xt, t) - 1.5 * 0.25, atol=1e-6)
+
+
+def test_autoguidance_combines_with_classifier_free_guidance():
+    schedule = make_schedule("linear", 1000)
+    model = ConstantDataEps(schedule, [0.2, -0.5], null_value=0.0)
+    guide = Offset(ConstantDataEps(schedule, [0.2, -0.5], null_value=0.0), -0.1)
+    xt, t, y = torch.randn(4, 1, 2, 2), torch.full((4,), 700), torch.tensor([0, 1, 0, 1])
+    m_y, m_null, g_y = model(xt, t, y), model(xt, t, torch.full_like(y, 2)), guide(xt, t, y)
+    out = guided_output(model, xt, t, y, 3.0, guide, 2.0)
+    assert torch.allclose(out, g_y + 2.0 * (m_y - g_y) + (3.0 - 1) * (m_y - m_null), atol=1e-6)
+    # autoguidance 1: exactly today's classifier-free guidance
+    assert torch.equal(guided_output(model, xt, t, y, 3.0, guide, 1.0), guided_output(model, xt, t, y, 3.0))
+    # guidance 1, autoguidance 0: exactly the guide's conditional output
+    assert torch.equal(guided_output(model, xt, t, y, 1.0, guide, 0.0), g_y)
+
+
+def test_autoguided_sampling_extrapolates_the_guides_x0():
+    # Exact ε for the constant 0.3 as the model, exact ε for 0.1 as the guide: at weight w
+    # every step's x̂_0 is 0.1 + w (0.3 − 0.1), so DDIM ends there.
+    schedule = make_schedule("linear", 1000)
+    model, guide = ConstantDataEps(schedule, 0.3), ConstantDataEps(schedule, 0.1)
+    out = sample(model, DDIMSampler(schedule, 20), (2, 1, 2, 2), torch.Generator().manual_seed(0), guide=guide,
+                 autoguidance=1.5)  # fmt: skip
+    assert torch.allclose(out, torch.full_like(out, 0.4), atol=1e-4)

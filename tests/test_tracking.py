@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 from ddpm_core import tracking
 from ddpm_core.config import flatten
 from ddpm_core.data import ImageSet, dataset_record, load_images
+from ddpm_core.environment import sha256_file
 
 
 def store(root):
@@ -87,10 +88,28 @@ def weights(tmp_path, tiny_params):
     return paths, flatten(tiny_params)
 
 
-def register(root, kind, path, params, tags=None):
+@pytest.fixture
+def guides(tmp_path, tiny_params):
+    """Other random weights of the same tiny U-Nets, as autoguidance guides (<kind>_guide.pt).
+    Perturbed: an untrained U-Net's zero-initialised last layer would output zeros, as the model does."""
+    from ddpm_core.unet import build_unet
+
+    paths = {}
+    for kind, classes in (("cond", 10), ("uncond", None)):
+        torch.manual_seed(1)
+        net = build_unet(tiny_params.model, classes)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        paths[kind] = tmp_path / f"{kind}_guide.pt"
+        torch.save(net.state_dict(), paths[kind])
+    return paths
+
+
+def register(root, kind, path, params, tags=None, guide=None):
     with tracking.stage_run(root, "p", "p", f"train_{kind}", params, {}) as run:
         run.check_registry(kind)
-        model_id, version = run.log_model(kind, path, params, tags or {"dvc.experiment": "workspace"})
+        model_id, version = run.log_model(kind, path, params, tags or {"dvc.experiment": "workspace"}, guide=guide)
     return run, model_id, version
 
 
@@ -119,10 +138,11 @@ def test_trained_weights_become_a_logged_model_and_a_registered_version(tmp_path
     # Loaded back through the registry, by version and by alias: the same bytes and params.
     client.set_registered_model_alias("ddpm-mnist-cond", "champion", "2")
     for uri in ("models:/ddpm-mnist-cond/1", "models:/ddpm-mnist-cond@champion", f"models:/{second_id}"):
-        local, logged = tracking.checkpoint_from_model(
+        local, logged, guide = tracking.checkpoint_from_model(
             tmp_path / "store", uri, "cond", tmp_path / uri.replace("/", "_")
         )
         assert local.read_bytes() == paths["cond"].read_bytes() and logged == model.params
+        assert guide is None  # logged without one
 
     # The evaluate stage finds the model by its weights and links metrics to it.
     with tracking.stage_run(tmp_path / "store", "p", "p", "evaluate", {}, {}) as evaluate:
@@ -151,6 +171,94 @@ def test_the_pyfunc_draws_one_image_per_row_the_same_for_the_same_seed(tmp_path,
         cond.predict(pd.DataFrame({"label": [12]}))
     uncond = mlflow.pyfunc.load_model("models:/ddpm-mnist-uncond/1")
     assert uncond.predict(pd.DataFrame({"index": range(5)}), params={"steps": 2}).shape == (5, 28, 28)
+    # Logged without a guide: the autoguidance weight changes nothing.
+    assert np.array_equal(
+        uncond.predict(pd.DataFrame({"index": range(3)}), params={"steps": 2, "autoguidance": 3.0}),
+        uncond.predict(pd.DataFrame({"index": range(3)}), params={"steps": 2, "autoguidance": 1.0}),
+    )
+
+
+def test_latest_is_the_highest_registered_version(tmp_path, weights, guides, monkeypatch):
+    from ddpm_core.errors import RegistryError
+
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    paths, params = weights
+    register(tmp_path, "cond", paths["cond"], params)
+    _, _, second = register(tmp_path, "cond", guides["cond"], params)  # other weights as version 2
+    assert second == 2
+    for uri in ("models:/ddpm-mnist-cond/latest", "models:/ddpm-mnist-cond/Latest"):
+        local, _, _ = tracking.checkpoint_from_model(tmp_path, uri, "cond", tmp_path / uri.replace("/", "_"))
+        assert local.read_bytes() == guides["cond"].read_bytes() != paths["cond"].read_bytes()
+    with pytest.raises(RegistryError, match="models:/ddpm-mnist-uncond/latest: not found in sqlite:///") as info:
+        tracking.checkpoint_from_model(tmp_path, "models:/ddpm-mnist-uncond/latest", "uncond", tmp_path / "dl")
+    assert "\n" not in str(info.value)
+
+
+def test_the_guide_travels_with_the_logged_model_and_the_run(tmp_path, weights, guides, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    paths, params = weights
+    with tracking.stage_run(tmp_path, "p", "p", "train_cond", params, params) as run:
+        run.log_artifact(paths["cond"], "checkpoint")  # as the training stage does: checkpoint/cond.pt ...
+        run.log_artifact(guides["cond"], "checkpoint")  # ... and checkpoint/cond_guide.pt
+        model_id, version = run.log_model("cond", paths["cond"], params, {}, guide=guides["cond"])
+    client, _ = store(tmp_path)
+    model = client.get_logged_model(model_id)
+    assert model.tags[tracking.GUIDE_TAG] == sha256_file(guides["cond"])
+    assert model.tags[tracking.WEIGHTS_TAG] == sha256_file(paths["cond"])
+    for uri in (f"models:/ddpm-mnist-cond/{version}", f"models:/{model_id}"):
+        local, logged, guide = tracking.checkpoint_from_model(tmp_path, uri, "cond", tmp_path / uri.replace("/", "_"))
+        assert local.read_bytes() == paths["cond"].read_bytes() and logged == model.params
+        assert guide is not None and guide.read_bytes() == guides["cond"].read_bytes()
+    # From the training run, or its pipeline's parent run.
+    for run_id in (run.run_id, run.parent_id):
+        local, logged, guide = tracking.checkpoint_from_run(tmp_path, run_id, "cond", tmp_path / run_id)
+        assert local.read_bytes() == paths["cond"].read_bytes() and logged == model.params
+        assert guide is not None and guide.read_bytes() == guides["cond"].read_bytes()
+    # A run that logged no guide (trained before guides were): None.
+    with tracking.stage_run(tmp_path, "q", "q", "train_uncond", params, {}) as plain:
+        plain.log_artifact(paths["uncond"], "checkpoint")
+    local, _, guide = tracking.checkpoint_from_run(tmp_path, plain.run_id, "uncond", tmp_path / "plain")
+    assert local.read_bytes() == paths["uncond"].read_bytes() and guide is None
+
+
+def test_the_pyfunc_samples_with_its_guide_at_the_autoguidance_weight(
+    tmp_path, weights, guides, tiny_params, monkeypatch
+):
+    import mlflow.pyfunc
+    import numpy as np
+    import pandas as pd
+
+    from ddpm_core import hardware
+    from ddpm_core.generation import DEFAULT_SAMPLE, generate, load_unet, sampler_for
+
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    paths, params = weights
+    register(tmp_path, "cond", paths["cond"], params, guide=guides["cond"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.tracking_uri(tmp_path))
+    pyfunc = mlflow.pyfunc.load_model("models:/ddpm-mnist-cond/latest")
+
+    device = hardware.pick_device()
+    model = load_unet(paths["cond"], tiny_params.model, True, device)
+    guide = load_unet(guides["cond"], tiny_params.model, True, device)
+    labels = [3, 1, 4, 1]
+
+    def expected(guide, weight):
+        sampler = sampler_for(tiny_params.diffusion, DEFAULT_SAMPLE, 3)
+        images = generate(
+            model, sampler, len(labels), torch.Generator().manual_seed(7), torch.tensor(labels),
+            DEFAULT_SAMPLE["guidance"], 128, device, hardware.sampling_autocast(device), guide=guide, autoguidance=weight,
+        )  # fmt: skip
+        return images[:, 0].numpy()
+
+    frame = pd.DataFrame({"label": labels})
+    plain = expected(None, 1.0)
+    assert np.array_equal(pyfunc.predict(frame, params={"seed": 7, "steps": 3, "autoguidance": 1.0}), plain)
+    guided = pyfunc.predict(frame, params={"seed": 7, "steps": 3, "autoguidance": 2.5})
+    assert np.array_equal(guided, expected(guide, 2.5)) and not np.array_equal(guided, plain)
+    default = DEFAULT_SAMPLE["autoguidance_cond"]
+    assert np.array_equal(pyfunc.predict(frame, params={"seed": 7, "steps": 3}), expected(guide, default))
+    with pytest.raises(Exception, match="autoguidance must be a finite weight, 0 or more; got -1"):
+        pyfunc.predict(frame, params={"autoguidance": -1.0})
 
 
 def test_bad_model_uris_and_a_foreign_registered_model_are_one_line_and_leave_nothing(tmp_path, weights, monkeypatch):

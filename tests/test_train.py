@@ -9,7 +9,7 @@ from conftest import tiny_raw
 from ddpm_core.config import parse_params
 from ddpm_core.data import load_images
 from ddpm_core.diffusion import LossTerms
-from ddpm_core.train import CurveMeter, StepStats, train_diffusion, warmup_cosine
+from ddpm_core.train import CurveMeter, StepStats, TrainingPlan, model_epochs, train_diffusion, warmup_cosine
 
 
 class Recorder:
@@ -180,3 +180,62 @@ def test_checkpoint_of_other_params_is_not_resumed(mnist_root, two_epochs, tmp_p
     tracker = Recorder()
     train_diffusion(data, other, False, resume, tracker, device=torch.device("cpu"))
     assert [step for step, _ in tracker.epochs()] == [1, 2]
+
+
+def test_guide_snapshot_is_the_ema_at_its_step_and_survives_a_resume(mnist_root, two_epochs, tmp_path):
+    # 128 images at batch 64: 2 steps per epoch. A snapshot at step 2 (the end of epoch 1)
+    # must equal the EMA weights the epoch-1 checkpoint holds; one at step 3 must come out of
+    # a run resumed after epoch 1 with the same bytes as out of an uninterrupted run.
+    data = load_images(mnist_root, "mnist", subset=two_epochs.data.train_subset)
+    cpu = torch.device("cpu")
+    straight = train_diffusion(data, two_epochs, True, tmp_path / "s.pt", Recorder(), device=cpu, snapshot_steps=(2, 3))
+    assert sorted(straight.snapshots) == [2, 3]
+
+    resume = tmp_path / "resume.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train_diffusion(data, two_epochs, True, resume, Recorder(fail_at_epoch=2), device=cpu, snapshot_steps=(2, 3))
+    saved = torch.load(resume, weights_only=True)
+    ema_after_epoch_1 = {k.removeprefix("module."): v for k, v in saved["optimization"]["ema"].items()}
+    ema_after_epoch_1.pop("n_averaged")
+    assert digest(straight.snapshots[2]) == digest(ema_after_epoch_1)
+    assert digest(saved["snapshots"][2]) == digest(straight.snapshots[2])
+
+    resumed = train_diffusion(data, two_epochs, True, resume, Recorder(), device=cpu, snapshot_steps=(2, 3))
+    assert digest(resumed.snapshots) == digest(straight.snapshots)
+    assert digest(resumed.snapshots[3]) != digest(straight.snapshots[2]) != digest(straight.ema_state_dict)
+
+
+def test_default_snapshot_is_the_guide_step_of_the_plan(mnist_root, tmp_path):
+    params = parse_params(tiny_raw(epochs=2, data={"train_subset": 128}, train={"guide_at": 0.5}))
+    data = load_images(mnist_root, "mnist", subset=128)
+    result = train_diffusion(data, params, False, tmp_path / "r.pt", device=torch.device("cpu"))
+    assert TrainingPlan.of(128, params, False).guide_step == 2 and list(result.snapshots) == [2]
+
+
+def test_training_plan_splits_the_passes_between_the_models():
+    # 60,000 images at batch 32: 1,875 steps per pass; 2 × 3 passes split 3:1.
+    params = parse_params(
+        tiny_raw(epochs=3, data={"train_subset": None}, train={"batch_size": 32, "cond_share": 0.25, "guide_at": 0.125})
+    )
+    uncond, cond = TrainingPlan.of(60_000, params, False), TrainingPlan.of(60_000, params, True)
+    assert model_epochs(params, False) == 4.5 and model_epochs(params, True) == 1.5
+    assert (uncond.total_steps, uncond.epochs, uncond.steps_in(5)) == (8438, 5, 938)
+    assert (cond.total_steps, cond.epochs, cond.steps_in(1), cond.steps_in(2)) == (2812, 2, 1875, 937)
+    assert cond.guide_step == round(0.125 * 2812) == 352
+    even = parse_params(tiny_raw(epochs=3, data={"train_subset": None}, train={"batch_size": 32}))
+    assert (
+        TrainingPlan.of(60_000, even, True).total_steps == TrainingPlan.of(60_000, even, False).total_steps == 3 * 1875
+    )
+
+
+def test_a_partial_last_pass_trains_its_steps_and_means_its_own_images(mnist_root, tmp_path):
+    # 128 images at batch 64, 1 epoch split 3:1 → uncond 1.5 passes = 3 steps, cond 0.5 = 1 step
+    params = parse_params(tiny_raw(epochs=1, data={"train_subset": 128}, train={"cond_share": 0.25, "log_every": 1}))
+    data = load_images(mnist_root, "mnist", subset=128)
+    tracker = Recorder()
+    uncond = train_diffusion(data, params, False, tmp_path / "u.pt", tracker, device=torch.device("cpu"))
+    assert [step for step, _ in tracker.points()] == [1, 2, 3] and [s for s, _ in tracker.epochs()] == [1, 2]
+    # the second pass is one step of 64 images: its mean loss is that step's loss
+    assert uncond.losses[1] == pytest.approx(tracker.points()[-1][1]["loss"], rel=1e-5)
+    cond = train_diffusion(data, params, True, tmp_path / "c.pt", Recorder(), device=torch.device("cpu"))
+    assert [row["step"] for row in cond.curve] == [1] and len(cond.losses) == 1

@@ -1,0 +1,116 @@
+"""The pyfunc flavour of a logged model: `DigitSampler`, the code MLflow saves with each
+model to build it (PYFUNC_CODE, "models from code": no pickle), its signature and the
+packages it needs where it is loaded."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.pyfunc import PythonModel, PythonModelContext
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+
+
+def _signature(kind: str) -> ModelSignature:
+    """Input: one row per image (column `label`, the class, for the conditional model; any
+    column for the unconditional one); params: the sampler's; output: uint8 (N, 28, 28)."""
+    from ddpm_core.generation import DEFAULT_SAMPLE
+
+    columns: list[ColSpec | TensorSpec] = (
+        [ColSpec("long", "label")] if kind == "cond" else [ColSpec("long", "index", required=False)]
+    )
+    params = ParamSchema([
+        ParamSpec("seed", "long", 0), ParamSpec("sampler", "string", DEFAULT_SAMPLE["sampler"]),
+        ParamSpec("steps", "long", DEFAULT_SAMPLE["steps"]), ParamSpec("guidance", "double", DEFAULT_SAMPLE["guidance"]),
+        ParamSpec("autoguidance", "double", float(cast(float, DEFAULT_SAMPLE[f"autoguidance_{kind}"]))),
+    ])  # fmt: skip
+    return ModelSignature(
+        inputs=Schema(columns), outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 28, 28))]), params=params
+    )
+
+
+def _requirements() -> list[str]:
+    """What loading the pyfunc elsewhere needs: this project (ddpm_core) and its pins."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for package in ("torch", "torchvision", "numpy", "pandas", "pyyaml", "pydantic", "mlflow"):
+        with contextlib.suppress(PackageNotFoundError):
+            pins.append(f"{package}=={version(package)}")
+    return pins
+
+
+class DigitSampler(PythonModel):
+    """The pyfunc flavour of a trained model: `mlflow.pyfunc.load_model(uri).predict(df)`
+    draws one image per row of `df` (the conditional model reads the class from its
+    `label` column), with params seed, sampler, steps, guidance and autoguidance, and
+    returns them as uint8 (N, 28, 28). The same input and params give the same bytes.
+    A model logged with a guide samples with autoguidance at the weight `autoguidance`
+    (default: DEFAULT_SAMPLE's for its kind); one logged without samples as before, the
+    weight unused. Needs ddpm_core importable (this project installed) where it is loaded."""
+
+    def load_context(self, context: PythonModelContext) -> None:
+        from ddpm_core import hardware
+        from ddpm_core.generation import load_unet, params_from_logged
+
+        spec = json.loads(Path(context.artifacts["params"]).read_text())
+        self.kind = spec["kind"]
+        model_params, self.diffusion, self.dataset = params_from_logged(spec["params"], "this model")
+        self.device = hardware.pick_device()
+        conditional = self.kind == "cond"
+        self.model = load_unet(Path(context.artifacts["weights"]), model_params, conditional, self.device)
+        guide = context.artifacts.get("guide")  # none in models logged before guides were
+        self.guide = load_unet(Path(guide), model_params, conditional, self.device) if guide else None
+
+    def predict(self, context: PythonModelContext, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
+        import torch
+
+        from ddpm_core import hardware
+        from ddpm_core.data import NUM_CLASSES
+        from ddpm_core.generation import DEFAULT_SAMPLE, generate, sampler_for
+
+        p = {**DEFAULT_SAMPLE, **(params or {})}
+        labels = None
+        if self.kind == "cond":
+            labels = torch.tensor(np.asarray(model_input["label"], dtype=np.int64))
+            if labels.numel() and not bool(((labels >= 0) & (labels < NUM_CLASSES)).all()):
+                raise ValueError(f"label must be a class 0..{NUM_CLASSES - 1}; got {sorted(set(labels.tolist()))}")
+        given = (params or {}).get("autoguidance")
+        autoguidance = float(cast(float, DEFAULT_SAMPLE[f"autoguidance_{self.kind}"] if given is None else given))
+        if not (math.isfinite(autoguidance) and autoguidance >= 0):
+            raise ValueError(f"autoguidance must be a finite weight, 0 or more; got {given}")
+        sampler = sampler_for(self.diffusion, p, int(p["steps"]))
+        generator = torch.Generator().manual_seed(int(p["seed"]))
+        guidance = float(p["guidance"]) if labels is not None else 1.0
+        autocast = hardware.sampling_autocast(self.device)
+        images = generate(
+            self.model,
+            sampler,
+            len(model_input),
+            generator,
+            labels,
+            guidance,
+            128,
+            self.device,
+            autocast,
+            desc="pyfunc",
+            guide=self.guide,
+            autoguidance=autoguidance,
+        )
+        return images[:, 0].numpy()
+
+
+# The pyfunc's code, saved with each logged model (MLflow's "models from code"). Models
+# logged already hold this import: ddpm_core.tracking keeps exporting DigitSampler.
+PYFUNC_CODE = """\
+import mlflow
+from ddpm_core.tracking import DigitSampler
+
+mlflow.models.set_model(DigitSampler())
+"""
