@@ -53,7 +53,10 @@ def test_more_processes_than_cores_or_than_a_batch_is_one_error_naming_the_key(m
 
 
 def _params(subset: int, processes: int):
-    return parse_params(tiny_raw(epochs=2, data={"train_subset": subset}, train={"processes": processes}))
+    # fp32: under bf16 autocast (a CPU with native bf16) a different split of the batch
+    # rounds differently, and two epochs carry that past the comparison's tolerance
+    train = {"processes": processes, "precision": "fp32"}
+    return parse_params(tiny_raw(epochs=2, data={"train_subset": subset}, train=train))
 
 
 def _worker(rank: int, size: int, port: int, job: dict) -> None:

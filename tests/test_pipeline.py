@@ -4,6 +4,7 @@ temporary) are in test_reproducibility.py."""
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import MIRROR, TINY_PIPELINE, run, tiny_raw
 from ddpm_core.data import load_images
+from ddpm_core.environment import sha256_file
 from ddpm_core.tracking import EXPERIMENT
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not MIRROR.is_dir(), reason=f"no MNIST mirror at {MIRROR}")]
@@ -96,12 +98,15 @@ def test_repro_lands_outputs_metrics_and_one_parent_run(tiny_pipeline, tmp_path)
         assert version.tags["dvc.experiment"] == "workspace" and len(version.tags["git.revision"]) >= 40
         linked = {m.key for m in client.get_logged_model(output.model_id).metrics}
         assert f"fid_{stage[6:]}" in linked and f"zero_pixels_{stage[6:]}" in linked
-        (artifact,) = client.list_artifacts(child.info.run_id, "checkpoint")
-        local = client.download_artifacts(child.info.run_id, artifact.path, str(tmp_path))
-        assert (
-            torch.load(local, weights_only=True).keys()
-            == torch.load(project_clone / "models" / f"{stage[6:]}.pt", weights_only=True).keys()
-        )
+        # The checkpoint and its autoguidance guide, byte for byte the DVC outputs.
+        kind = stage[6:]
+        logged = sorted(a.path for a in client.list_artifacts(child.info.run_id, "checkpoint"))
+        assert logged == [f"checkpoint/{kind}.pt", f"checkpoint/{kind}_guide.pt"]
+        for path in logged:
+            local = client.download_artifacts(child.info.run_id, path, str(tmp_path))
+            assert sha256_file(Path(local)) == sha256_file(project_clone / "models" / Path(path).name)
+        guide_step = json.loads((project_clone / "reports" / f"train_{kind}.json").read_text())["guide_step"]
+        assert guide_step == round(params["train"]["guide_at"] * 6)  # 6 steps in all
     # Stage runs log exactly the params their dvc.yaml entry lists.
     assert "train_cond.p_uncond" in stage_runs["train_cond"].data.params
     assert "train_cond.p_uncond" not in stage_runs["train_uncond"].data.params

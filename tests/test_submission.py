@@ -83,7 +83,7 @@ def test_pack_then_verify_passes(reproduced, tmp_path):
     assert not any(n.startswith(("code/models/", "code/data/dataset")) for n in files)
     assert checksums == {
         f"models/{m}.pt": sha256_file(reproduced / "models" / f"{m}.pt")
-        for m in ("cond", "evaluator", "evaluator_alt", "uncond")
+        for m in ("cond", "cond_guide", "evaluator", "evaluator_alt", "uncond", "uncond_guide")
     }
     assert environment["torch"] and environment["params.yaml.sha256"] == sha256_file(reproduced / "params.yaml")
 

@@ -201,7 +201,7 @@ def test_a_queued_pair_runs_two_at_a_time_against_the_team_server(tiny_pipeline_
 
     project = tiny_pipeline_copy
     env = env_with(MLFLOW_TRACKING_URI=team_server["uri"])
-    names = {"team-w2": "sample.guidance=2", "team-w4": "sample.guidance=4"}
+    names = {"team-w3": "sample.guidance=3", "team-w4": "sample.guidance=4"}  # not the default (2)
     for name, override in names.items():
         dvc("exp", "run", "--queue", "-n", name, "-S", override, cwd=project, env=env)
     try:
