@@ -34,6 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(__file__).with_name(".cache")
 sys.path.insert(0, str(ROOT))
 
+from sweep import override  # noqa: E402
+
 from ddpm_core import fidelity, hardware  # noqa: E402
 from ddpm_core.config import Params, parse_params  # noqa: E402
 from ddpm_core.data import NUM_CLASSES, ImageSet, load_images  # noqa: E402
@@ -43,15 +45,6 @@ from ddpm_core.generation import balanced_labels, generate, sampler_for  # noqa:
 from ddpm_core.seeding import derived_seed  # noqa: E402
 from ddpm_core.train import TrainingPlan, train_diffusion  # noqa: E402
 from ddpm_core.unet import UNet, build_unet  # noqa: E402
-
-
-def override(raw: dict, assignment: str) -> None:
-    key, _, value = assignment.partition("=")
-    *path, leaf = key.split(".")
-    node = raw
-    for part in path:
-        node = node[part]
-    node[leaf] = yaml.safe_load(value)
 
 
 def trained(params: Params, kind: str, fractions: list[float], data: ImageSet, device: torch.device) -> dict:
