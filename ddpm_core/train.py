@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -32,6 +33,7 @@ from ddpm_core.distributed import World, wrap
 from ddpm_core.ema import make_ema
 from ddpm_core.errors import TrainingError
 from ddpm_core.files import load_safe, save_atomic
+from ddpm_core.progress import RunPlan, RunProgress
 from ddpm_core.samplers import make_sampler, sample
 from ddpm_core.schedule import NoiseSchedule, make_schedule
 from ddpm_core.seeding import restore_rng_state, rng_state, seed_everything
@@ -389,11 +391,13 @@ class _Loop:
     result: TrainResult
     snapshot_steps: frozenset[int]
     resume_path: Path
+    run_progress: RunProgress | None = None  # the run-wide line above the epoch's
 
     def epoch(self, epoch: int) -> None:
         """Train one (possibly partial) pass over the data; log, preview, snapshot."""
         tp, plan, world, result = self.params.train, self.plan, self.world, self.result
         self.opt.model.train()
+        live = self.run_progress is not None and self.run_progress.live
         order = torch.randperm(len(self.data), generator=self.generator)
         loss_sum = torch.zeros((), device=self.device)
         steps, seen = plan.steps_in(epoch), 0
@@ -407,7 +411,12 @@ class _Loop:
             mininterval=1.0,
             dynamic_ncols=True,
             disable=not world.is_main,
+            # under the run-wide line, which keeps the whole run; the epoch's own line goes
+            # (its summary is printed once the epoch is saved)
+            position=1 if live else None,
+            leave=not live,
         )
+        shown = 0  # steps of this epoch counted on the run-wide line
         for step in bar:
             global_step = (epoch - 1) * plan.steps_per_epoch + step + 1
             idx = order[step * tp.batch_size : (step + 1) * tp.batch_size]
@@ -433,6 +442,9 @@ class _Loop:
                 self._check_finite(loss_sum, epoch, step)
                 rate = seen / (time.perf_counter() - started - preview_seconds)
                 bar.set_postfix(loss=f"{stats.terms.loss.item():.4f}", img_s=f"{rate:.0f}")
+                if self.run_progress is not None:
+                    self.run_progress.advance(step + 1 - shown)
+                    shown = step + 1
             if global_step % tp.log_every == 0 or step == steps - 1:
                 # Also at each epoch's end, so that a run resumed from an epoch's checkpoint
                 # logs the very points of an uninterrupted one.
@@ -488,6 +500,7 @@ def train_diffusion(
     device: torch.device | None = None,
     world: World | None = None,
     snapshot_steps: tuple[int, ...] | None = None,
+    run_plan: RunPlan | None = None,
 ) -> TrainResult:
     """Train the network on `data` for its share of `params.epochs` (`TrainingPlan`) and
     return the EMA weights, with the EMA weights at each of `snapshot_steps` (default: the
@@ -507,6 +520,9 @@ def train_diffusion(
     In a `world` of several processes (torch.distributed, process group joined) each
     trains on its rows of every batch; all get the same weights back, only rank 0 saves
     checkpoints and shows progress, and a `tracker` belongs on rank 0 alone.
+
+    With a `run_plan` (the trainings of this pipeline execution, this one among them), a
+    run-wide progress line with the time left for all of them sits above the epoch's.
     """
     world = world or World()
     device = device or hardware.pick_device()
@@ -519,18 +535,29 @@ def train_diffusion(
     fingerprint = run_fingerprint(params, conditional)
     result = TrainResult(ema_state_dict={}, precision=precision, device=str(device))
     start_epoch = _resume(resume_path, fingerprint, opt, generator, result, tracker, world, name)
+    run_progress = None
+    if run_plan is not None:
+        done = min(plan.total_steps, (start_epoch - 1) * plan.steps_per_epoch)
+        run_progress = RunProgress(run_plan, done_in_stage=done, live=world.is_main and sys.stderr.isatty())
     loop = _Loop(
         data, params, conditional, plan, opt, make_schedule(params.diffusion.schedule, params.diffusion.timesteps),
         Objective.of(params), generator, hardware.autocast_factory(precision, device), device, world, tracker, name,
         result, frozenset((plan.guide_step,) if snapshot_steps is None else snapshot_steps), resume_path,
+        run_progress,
     )  # fmt: skip
-    for epoch in range(start_epoch, plan.epochs + 1):
-        loop.epoch(epoch)
-        if not world.is_main:
-            continue
-        _checkpoint(resume_path, fingerprint, epoch, opt, generator, result)
-        # Printed once the epoch is saved: from here on, an interruption resumes after it.
-        rate, seconds = result.images_per_s[-1], result.epoch_seconds[-1]
-        print(f"{name} epoch {epoch}: loss {result.losses[-1]:.4f}, {rate:.0f} images/s, {seconds:.0f} s", flush=True)
+    try:
+        for epoch in range(start_epoch, plan.epochs + 1):
+            loop.epoch(epoch)
+            if not world.is_main:
+                continue
+            _checkpoint(resume_path, fingerprint, epoch, opt, generator, result)
+            # Printed once the epoch is saved: from here on, an interruption resumes after it.
+            rate, seconds = result.images_per_s[-1], result.epoch_seconds[-1]
+            line = f"{name} epoch {epoch}: loss {result.losses[-1]:.4f}, {rate:.0f} images/s, {seconds:.0f} s"
+            tqdm.write(line if run_progress is None else f"{line}; {run_progress.summary()}")
+            sys.stdout.flush()
+    finally:
+        if run_progress is not None:
+            run_progress.close()
     result.ema_state_dict = _ema_copy(opt)
     return result

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -92,6 +93,105 @@ def pipeline_identity() -> tuple[str, str]:
     pipeline_id = os.environ.get("DDPM_PIPELINE_ID") or f"{exp_name or 'repro'}/{anchor}"
     name = exp_name or f"repro {started:%Y-%m-%d %H:%M:%S}"
     return pipeline_id, name
+
+
+# Options of `dvc repro` / `dvc exp run` that take a value: the word after them is no target.
+_VALUE_OPTIONS = {"-S", "--set-param", "-n", "--name", "-m", "--message", "-j", "--jobs", "-C", "--copy-paths"}
+
+
+def _dvc_targets() -> tuple[list[str], bool] | None:
+    """The stages named on the `dvc repro` / `dvc exp run` command line, and whether it
+    asked for them alone (-s); None when DVC did not start this stage."""
+    dvc = _dvc_process()
+    if dvc is None:
+        return None
+    try:
+        argv = dvc.cmdline()
+    except psutil.Error:
+        return [], False
+    words = (
+        argv[argv.index("repro") + 1 :] if "repro" in argv else argv[argv.index("run") + 1 :] if "run" in argv else []
+    )
+    targets, skip = [], False
+    for word in words:
+        if skip:
+            skip = False
+        elif word in _VALUE_OPTIONS:
+            skip = True
+        elif not word.startswith("-"):
+            targets.append(word.split(":")[-1])
+    return targets, "-s" in words or "--single-item" in words
+
+
+def _upstream(stage: str, stages: dict) -> set[str]:
+    """`stage` and every stage whose outputs it depends on, directly or not (dvc.yaml)."""
+
+    def outs(name: str) -> list[str]:
+        entries = stages[name].get("outs", []) + stages[name].get("metrics", [])
+        return [next(iter(e)) if isinstance(e, dict) else e for e in entries]
+
+    found, todo = set(), [stage]
+    while todo:
+        name = todo.pop()
+        if name in found or name not in stages:
+            continue
+        found.add(name)
+        deps = [str(d) for d in stages[name].get("deps", [])]
+        todo += [other for other in stages if any(d == o or d.startswith(o + "/") for o in outs(other) for d in deps)]
+    return found
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    flat: dict = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _lock_is_current(stage: str, params: Params) -> bool:
+    """Whether dvc.lock's record of `stage` matches the params and code files it reads now,
+    so that DVC would skip it."""
+    lock_path = Path("dvc.lock")
+    if not lock_path.is_file():
+        return False
+    entry = (yaml.safe_load(lock_path.read_text()) or {}).get("stages", {}).get(stage)
+    if not entry:
+        return False
+    if _flat(entry.get("params", {}).get("params.yaml", {})) != stage_keys(stage, params):
+        return False
+    for dep in entry.get("deps", []):
+        path = Path(dep["path"])
+        if str(dep.get("md5", "")).endswith(".dir"):
+            continue  # a folder (the dataset): another stage's output, checked by its own stage
+        if not path.is_file() or hashlib.md5(path.read_bytes()).hexdigest() != dep.get("md5"):
+            return False
+    return True
+
+
+def runs_in_this_execution(stage: str, other: str, params: Params) -> bool:
+    """Whether DVC runs stage `other` in the same execution as this `stage` (for the
+    run-wide progress line; a best guess, never a decision). A stage listed before this
+    one in dvc.yaml ran if it wrote its outputs since DVC started; one listed after will
+    run unless dvc.lock says it is up to date or the command line named stages that do
+    not need it."""
+    targets = _dvc_targets()
+    if targets is None:
+        return False
+    stages = yaml.safe_load((HERE.parent / "dvc.yaml").read_text())["stages"]
+    order = list(stages)
+    if order.index(other) < order.index(stage):
+        dvc = _dvc_process()
+        outs = [Path(o if isinstance(o, str) else next(iter(o))) for o in stages[other].get("outs", [])]
+        return dvc is not None and all(o.exists() and o.stat().st_mtime >= dvc.create_time() for o in outs)
+    named, single = targets
+    if single and other not in named:
+        return False
+    if named and not any(other in _upstream(t, stages) for t in named):
+        return False
+    return not _lock_is_current(other, params)
 
 
 def model_version_tags(params: Params) -> dict[str, str]:

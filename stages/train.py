@@ -14,6 +14,11 @@ new version of the registered model ddpm-mnist-<kind>, tagged with the DVC exper
 the git revision. An interrupted run resumes from
 its last completed epoch when started again with the same params.
 
+While it trains, a run-wide line counts the optimizer steps of every training of this
+execution (both models where DVC trains both: `dvc exp run -S epochs=20`) with the time
+left at this stage's rate, above the epoch's own line; each epoch's printed summary ends
+with the same count and time left, which is what a log file gets.
+
 With `train.processes` = N > 1 the stage starts N workers through torch.distributed's
 elastic launcher (gloo on the CPU, NCCL with one GPU each on CUDA); started under a
 user's `torchrun` it joins that world (RANK, WORLD_SIZE) instead. Rank 0 alone logs,
@@ -33,8 +38,11 @@ from ddpm_core.config import Params
 from ddpm_core.data import ImageSet, dataset_record, load_images
 from ddpm_core.distributed import World, check_processes, join, launch, leave
 from ddpm_core.files import save_atomic, write_text_atomic
+from ddpm_core.progress import RunPlan
 from ddpm_core.tracking import registered_name
 from ddpm_core.train import CURVE_COLUMNS, TrainingPlan, run_fingerprint, train_diffusion
+
+KINDS = ("uncond", "cond")  # the order of dvc.yaml, in which DVC trains them
 
 
 def run(params: Params, kind: str) -> None:
@@ -62,6 +70,19 @@ def run(params: Params, kind: str) -> None:
     train_and_record(params, kind, data, resume_path, None, world)
 
 
+def run_plan(params: Params, kind: str, images: int) -> RunPlan:
+    """The trainings of this pipeline execution as far as DVC's view tells (this one, and the
+    other model's where DVC trained it already or will next), each with its steps: what the
+    run-wide progress line counts."""
+    stage = f"train_{kind}"
+    trainings = tuple(
+        (f"train_{other}", TrainingPlan.of(images, params, other == "cond").total_steps)
+        for other in KINDS
+        if other == kind or common.runs_in_this_execution(stage, f"train_{other}", params)
+    )
+    return RunPlan(trainings, stage)
+
+
 def train_and_record(
     params: Params, kind: str, data: ImageSet, resume_path: Path, device: torch.device | None, world: World
 ) -> None:
@@ -74,8 +95,9 @@ def train_and_record(
         )
         try:
             result = train_diffusion(
-                data, params, conditional, resume_path, tracker=run, name=stage, device=device, world=world
-            )
+                data, params, conditional, resume_path, tracker=run, name=stage, device=device, world=world,
+                run_plan=run_plan(params, kind, len(data)),
+            )  # fmt: skip
         except KeyboardInterrupt:
             if resume_path.exists():
                 print(

@@ -37,6 +37,8 @@ CHECKED = (
     # same commands run in tests/test_team.py against a real PostgreSQL and local remotes.
     "python tools/team_server.py", "export MLFLOW_TRACKING_URI=", "mlflow server", "dvc remote add", "dvc push",
     "dvc pull", "dvc exp push", "dvc exp pull", "git add", "git clone",
+    # Keeping a finished run (tests/test_keep_run.py runs it on the tiny pipeline).
+    "python tools/keep_run.py",
 )  # fmt: skip
 ENV_ASSIGNMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=\S*\s+")
 

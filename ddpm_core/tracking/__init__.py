@@ -10,7 +10,8 @@ One module per idea; this package exports what the rest of the project uses:
     names           the experiment, tags, logged-model files, registered model names (no mlflow)
     store           the tracking URI, a client that waits out a locked SQLite store, reachability, the experiment
     system_metrics  MLflow's CPU, memory, disk and network monitor of a stage run
-    runs            parent and stage runs: `stage_run`, `StageRun` (what a stage logs), orphaned runs closed
+    runs            parent and stage runs: `stage_run`, `StageRun` (what a stage logs), orphaned runs
+                    closed, `stage_minutes` (what an execution's stages took)
     models          logged and registered models; weights back from a model URI or a run (`checkpoint_from_*`)
     pyfunc          `DigitSampler`, the pyfunc flavour of a logged model (its code, signature, requirements)
 
@@ -43,7 +44,7 @@ from ddpm_core.tracking.names import (
     registered_name,
 )
 from ddpm_core.tracking.pyfunc import PYFUNC_CODE, DigitSampler
-from ddpm_core.tracking.runs import StageRun, stage_run
+from ddpm_core.tracking.runs import StageRun, stage_minutes, stage_run
 from ddpm_core.tracking.store import LOCK_RETRY_SECONDS, tracking_uri
 from ddpm_core.tracking.system_metrics import SYSTEM_METRICS_SECONDS, system_metrics_enabled
 
@@ -76,6 +77,7 @@ __all__ = [
     "guide_artifact",
     "log_model",
     "registered_name",
+    "stage_minutes",
     "stage_run",
     "system_metrics_enabled",
     "tracking_uri",

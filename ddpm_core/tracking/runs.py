@@ -36,6 +36,7 @@ from ddpm_core.errors import DDPMError, TrackingError
 from ddpm_core.tracking import models
 from ddpm_core.tracking.names import (
     ENV_TAG_PREFIX,
+    EXPERIMENT,
     HOST_TAG,
     PID_TAG,
     PIPELINE_TAG,
@@ -44,7 +45,15 @@ from ddpm_core.tracking.names import (
     WEIGHTS_TAG,
     registered_name,
 )
-from ddpm_core.tracking.store import _connect, _PatientClient, _stringify, _unreachable, tracking_uri
+from ddpm_core.tracking.store import (
+    _connect,
+    _existing_store,
+    _PatientClient,
+    _shown,
+    _stringify,
+    _unreachable,
+    tracking_uri,
+)
 from ddpm_core.tracking.system_metrics import _SystemMetrics, system_metrics_enabled
 
 
@@ -264,3 +273,28 @@ def stage_run(
         if lost is None:
             client.set_terminated(run.run_id, status)
             client.set_terminated(parent_id, status)
+
+
+def stage_minutes(root: Path) -> tuple[str, dict[str, float]]:
+    """The newest pipeline execution of the store of `root` that ran a training stage: its
+    name and the minutes each of its finished stage runs took (what tools/keep_run.py records)."""
+    client = _existing_store(root)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        raise TrackingError(f"no experiment {EXPERIMENT!r} in {_shown(client.uri)}: run the pipeline first")
+    parents = client.search_runs(
+        [experiment.experiment_id], f"tags.`{ROLE_TAG}` = 'pipeline'", order_by=["attributes.start_time DESC"]
+    )
+    for parent in parents:
+        children = client.search_runs(
+            [experiment.experiment_id],
+            f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}' and attributes.status = 'FINISHED'",
+        )
+        minutes = {
+            run.data.tags.get(STAGE_TAG, run.info.run_name): (run.info.end_time - run.info.start_time) / 60_000
+            for run in children
+            if run.info.end_time
+        }
+        if any(stage.startswith("train_") and stage != "train_evaluator" for stage in minutes):
+            return parent.info.run_name, minutes
+    raise TrackingError(f"no pipeline execution that trained a model in {_shown(client.uri)}")
