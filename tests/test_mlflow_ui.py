@@ -76,6 +76,11 @@ def project(request, tmp_path_factory) -> Path:
     experiment more that changes only the guidance: two parent runs to compare."""
     if REAL is not None:
         project = REAL
+        client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+        experiment = client.get_experiment_by_name(EXPERIMENT)
+        parents = client.search_runs([experiment.experiment_id], f"tags.`{ROLE_TAG}` = 'pipeline'")
+        if SECOND in {r.info.run_name for r in parents}:
+            return project  # added by an earlier call
     else:
         assert tiny_raw(**TINY_PIPELINE)["epochs"] == EPOCHS
         project = copy_project(request.getfixturevalue("tiny_pipeline"), tmp_path_factory.mktemp("ui") / "project")
@@ -283,7 +288,10 @@ return plot && plot.data && plot.data[0] && plot.data[0].x && plot.data[0].x.len
 
 
 def test_runs_table_shows_the_parent_runs_their_stage_runs_datasets_and_models(browser, server, runs, shots):
-    assert sorted(runs["children"]) == sorted(STAGES)
+    if REAL is None:
+        assert sorted(runs["children"]) == sorted(STAGES)
+    else:  # stages whose outputs DVC had in its cache did not run
+        assert {"train_uncond", "train_cond", "sample", "evaluate"} <= set(runs["children"]) <= set(STAGES)
     parent_name = runs["parent"].info.run_name
     # `#/experiments/<id>` opens the GenAI overview; the runs table is under /runs, and
     # workflowType=machine_learning switches the sidebar to "Model training".
@@ -308,7 +316,11 @@ def test_runs_table_shows_the_parent_runs_their_stage_runs_datasets_and_models(b
     )
     assert len(expand) == 2, "both parent runs have children"
     expand[-1].click()  # the first execution, listed last (newest first)
-    wait(browser, lambda d: set(STAGES) <= visible_lines(d), f"stage runs {STAGES} under the parent")
+    wait(
+        browser,
+        lambda d: set(runs["children"]) <= visible_lines(d),
+        f"stage runs {sorted(runs['children'])} under the parent",
+    )
     lines = visible_lines(browser)
     # The Models column: each training run's logged model.
     assert {"ddpm-mnist-cond", "ddpm-mnist-uncond"} <= lines, "the Models column names the logged models"

@@ -124,7 +124,7 @@ def readme(dest: Path, command: str, root: Path) -> str:
         "## Files",
         "",
         "- `uncond.npz`, `cond.npz`: the samples (`images` uint8 N×28×28, `labels` for the conditional"
-        " ones): `ddpm score reports/" + dest.name + "/cond.npz` judges them again.",
+        " ones): `python benchmarks/score.py reports/" + dest.name + "/cond.npz` judges them again.",
         "- `samples.png`: the sample grids; `loss.png`: the loss curves; `metrics.json`,"
         " `train_*.json`: every number of the run.",
         "",
