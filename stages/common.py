@@ -141,16 +141,6 @@ def _upstream(stage: str, stages: dict) -> set[str]:
     return found
 
 
-def _flat(values: dict, prefix: str = "") -> dict:
-    flat: dict = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _lock_is_current(stage: str, params: Params) -> bool:
     """Whether dvc.lock's record of `stage` matches the params and code files it reads now,
     so that DVC would skip it."""
@@ -160,7 +150,7 @@ def _lock_is_current(stage: str, params: Params) -> bool:
     entry = (yaml.safe_load(lock_path.read_text()) or {}).get("stages", {}).get(stage)
     if not entry:
         return False
-    if _flat(entry.get("params", {}).get("params.yaml", {})) != stage_keys(stage, params):
+    if flatten(entry.get("params", {}).get("params.yaml", {})) != stage_keys(stage, params):
         return False
     for dep in entry.get("deps", []):
         path = Path(dep["path"])
