@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ddpm_core import hardware
+from ddpm_core import envvars, hardware
 from ddpm_core.animation import FrameRecorder, save_gif
-from ddpm_core.config import DiffusionParams, load_params
+from ddpm_core.config import MAX_GUIDANCE, MAX_SEED, DiffusionParams, load_params
 from ddpm_core.data import DATASETS
 from ddpm_core.errors import CheckpointError, ConfigError, DDPMError, exit_on_error
 from ddpm_core.files import write_atomic
@@ -60,24 +60,40 @@ class UsageError(DDPMError):
     exit_code = 2
 
 
+# One batch of images is drawn at once (the GIF needs all of them at every step).
+MAX_IMAGES = 2000
+MAX_STEPS = 10_000  # diffusion.timesteps' bound
+
+
+def _whole(text: str, low: int, high: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number from {low} to {high}, got {text!r}") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be a whole number from {low} to {high}, got {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    return _whole(text, 1, MAX_STEPS)
 
 
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+def _count(text: str) -> int:
+    return _whole(text, 1, MAX_IMAGES)
+
+
+def _seed(text: str) -> int:
+    return _whole(text, 0, MAX_SEED)
 
 
 def _weight(text: str) -> float:
-    value = float(text)
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, got {text}")
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 <= value <= MAX_GUIDANCE):
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to {MAX_GUIDANCE:g}, got {text!r}")
     return value
 
 
@@ -119,11 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument(
         "--n",
-        type=_positive_int,
+        type=_count,
         default=8,
-        help="images per class of the prompt; with --unconditional, images in all (default 8)",
+        help=f"images per class of the prompt; with --unconditional, images in all (default 8; at most "
+        f"{MAX_IMAGES} in all)",
     )
-    gen.add_argument("--guidance", type=_non_negative_float, help="classifier-free guidance weight: 1 = plain conditional, "
+    gen.add_argument("--guidance", type=_weight, help="classifier-free guidance weight from 0 to 20: 1 = plain conditional, "
                      "higher = more typical images (default: sample.guidance of params.yaml)")  # fmt: skip
     gen.add_argument("--autoguidance", type=_weight, metavar="W",
                      help="autoguidance weight: how far the model is pushed away from its guide, an earlier snapshot of "
@@ -137,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         help="sampling steps; ddpm always takes all T (default: sample.steps of params.yaml)",
     )
-    gen.add_argument("--seed", type=int, default=0, help="all noise derives from it (default 0)")
+    gen.add_argument("--seed", type=_seed, default=0, help=f"all noise derives from it: 0 to {MAX_SEED} (default 0)")
     gen.add_argument("--out", type=Path, default=Path("generated.png"), help="the PNG to write (default generated.png)")
     gen.add_argument(
         "--animate", type=Path, metavar="GIF", help="also write the sampling, from noise to images, as an animated GIF"
@@ -205,9 +222,10 @@ def _load_model(
                 "leave out --autoguidance"
             )
         guide = None
+        again = "log or register it again (`dvc repro`), or name another run or model"
         if checkpoint.guide is not None and autoguidance != 1:
-            guide = load_unet(checkpoint.guide, model_params, conditional, device)
-        model = load_unet(checkpoint.weights, model_params, conditional, device)
+            guide = load_unet(checkpoint.guide, model_params, conditional, device, f"{source} (its guide)", again)
+        model = load_unet(checkpoint.weights, model_params, conditional, device, source, again)
         return model, guide, diffusion, source, dataset
 
 
@@ -216,6 +234,8 @@ def _classes(args: argparse.Namespace, dataset: str) -> list[int]:
 
 
 def generate(args: argparse.Namespace) -> None:
+    envvars.check_environment()
+    hardware.configure_threads()
     if args.unconditional and args.prompt:
         raise UsageError("--unconditional draws any class; leave out --prompt")
     if not args.unconditional and args.prompt is None:
@@ -226,6 +246,9 @@ def generate(args: argparse.Namespace) -> None:
     # Without --run-id the dataset is params.yaml's: refuse a bad prompt before loading anything.
     if args.run_id and args.model:
         raise UsageError("--run-id and --model both name the weights; give one")
+    for option, path, example in (("--out", args.out, "generated.png"), ("--animate", args.animate, "denoising.gif")):
+        if path is not None and path.is_dir():
+            raise UsageError(f"{option} {path}: a folder; name a file in it, e.g. {path / example}")
     classes = None if (args.run_id or args.model) else _classes(args, _local_dataset())
     defaults = _sample_defaults()
     sampler_name = args.sampler or defaults["sampler"]
@@ -238,7 +261,6 @@ def generate(args: argparse.Namespace) -> None:
         cast(float, autoguidance_defaults[f"autoguidance_{kind}"]) if args.autoguidance is None else args.autoguidance
     )
 
-    hardware.configure_threads()
     device = hardware.pick_device()
     model, guide, diffusion, source, dataset = _load_model(args, kind, device, autoguidance)
     if guide is None:
@@ -253,6 +275,10 @@ def generate(args: argparse.Namespace) -> None:
 
     labels = torch.tensor(classes).repeat_interleave(args.n) if classes else None
     count = len(labels) if labels is not None else args.n
+    if count > MAX_IMAGES:
+        raise UsageError(
+            f"--n {args.n} for each of {len(classes)} classes is {count} images; give at most {MAX_IMAGES} in all"
+        )
     nrow = args.n if classes else min(args.n, 10)
     recorder = FrameRecorder(len(sampler.timesteps), nrow, args.frames) if args.animate else None
     autocast = hardware.sampling_autocast(device)

@@ -18,16 +18,25 @@ from ddpm_core.errors import ConfigError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # strict: no bool for a number, no "3" for 3; allow_inf_nan=False: every float finite.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+
+# Upper bounds: far beyond what any run of this project needs, short of what overflows a
+# seed, exhausts memory in one batch or runs for months.
+MAX_SEED = 2**32 - 1  # numpy's seeds; torch's generator takes them too
+MAX_BATCH = 4096
+MAX_GUIDANCE = 20.0
+TRAINING_IMAGES = 60_000  # MNIST and Fashion-MNIST
 
 
 class DataParams(_Section):
     dataset: Literal["mnist", "fashion-mnist"]
-    train_subset: int | None = Field(ge=1, le=60_000)
+    train_subset: int | None = Field(ge=1, le=TRAINING_IMAGES)
 
 
 class DiffusionParams(_Section):
-    timesteps: int = Field(ge=2)
+    timesteps: int = Field(ge=2, le=10_000)
     schedule: Literal["linear", "cosine"]
     prediction: Literal["eps", "v"]  # what the network outputs: the noise ε or v = α ε − σ x_0
     offset_noise: float = Field(ge=0.0, le=1.0)  # std of a per-image noise shift (diffusion.draw_noise)
@@ -35,9 +44,9 @@ class DiffusionParams(_Section):
 
 class ModelParams(_Section):
     # One width per resolution level (28, 14, 7 pixels; 14, 7 at patch_size 2); GroupNorm uses 8 groups.
-    channels: list[Annotated[int, Field(ge=8, multiple_of=8)]] = Field(min_length=1, max_length=3)
-    blocks_per_level: int = Field(ge=1)
-    attention_heads: int = Field(ge=1)
+    channels: list[Annotated[int, Field(ge=8, le=1024, multiple_of=8)]] = Field(min_length=1, max_length=3)
+    blocks_per_level: int = Field(ge=1, le=8)
+    attention_heads: int = Field(ge=1, le=64)
     dropout: float = Field(ge=0.0, lt=1.0)
     patch_size: Literal[1, 2]  # 2: the U-Net runs at 14 pixels on 2×2 patches folded into channels
 
@@ -59,24 +68,24 @@ class ModelParams(_Section):
 
 
 class TrainParams(_Section):
-    batch_size: int = Field(ge=1)
-    lr: float = Field(gt=0.0)
-    weight_decay: float = Field(ge=0.0)
-    warmup_steps: int = Field(ge=0)
+    batch_size: int = Field(ge=1, le=MAX_BATCH)
+    lr: float = Field(gt=0.0, le=1.0)
+    weight_decay: float = Field(ge=0.0, le=1.0)
+    warmup_steps: int = Field(ge=0, le=10_000_000)
     grad_clip: float = Field(gt=0.0)
     ema_decay: float = Field(ge=0.0, lt=1.0)
     min_snr_gamma: float | None = Field(gt=0.0)
     precision: Literal["auto", "fp32", "bf16"]
-    preview_steps: int = Field(ge=1)
-    preview_guidance: float = Field(ge=0.0)
+    preview_steps: int = Field(ge=1)  # at most diffusion.timesteps (Params)
+    preview_guidance: float = Field(ge=0.0, le=MAX_GUIDANCE)
     log_every: int = Field(ge=1)  # optimizer steps between points of the loss curves
     preview_every: int = Field(ge=1)  # optimizer steps between sample grids
     # Training processes (torch.distributed): each trains on its rows of every batch.
     processes: int = Field(ge=1, le=1024)
     # The guide of autoguidance: the EMA weights at this fraction of a model's training steps.
-    guide_at: float = Field(gt=0.0, le=1.0, allow_inf_nan=False)
+    guide_at: float = Field(gt=0.0, le=1.0)
     # Of the 2 × epochs passes over the data of both models, the conditional model's share.
-    cond_share: float = Field(gt=0.0, lt=1.0, allow_inf_nan=False)
+    cond_share: float = Field(gt=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _a_row_for_every_process(self) -> TrainParams:
@@ -94,28 +103,28 @@ class TrainCondParams(_Section):
 
 class SampleParams(_Section):
     sampler: Literal["ddpm", "ddim", "dpmpp2m"]
-    steps: int = Field(ge=1)
+    steps: int = Field(ge=1)  # at most diffusion.timesteps (Params)
     # The last timestep index visited (samplers.trailing_timesteps); None = T/steps − 1.
     t_min: int | None = Field(ge=0)
-    guidance: float = Field(ge=0.0)
+    guidance: float = Field(ge=0.0, le=MAX_GUIDANCE)
     # Autoguidance weights (samplers.guided_output): 1 = the model alone, 0 = its guide alone.
-    autoguidance_uncond: float = Field(ge=0.0, le=20.0, allow_inf_nan=False)
-    autoguidance_cond: float = Field(ge=0.0, le=20.0, allow_inf_nan=False)
-    eta: float = Field(ge=0.0)
-    batch_size: int = Field(ge=1)
+    autoguidance_uncond: float = Field(ge=0.0, le=MAX_GUIDANCE)
+    autoguidance_cond: float = Field(ge=0.0, le=MAX_GUIDANCE)
+    eta: float = Field(ge=0.0, le=1.0)  # DDIM's noise: 0 deterministic, 1 the DDPM posterior's
+    batch_size: int = Field(ge=1, le=10_000)
 
 
 class EvaluateParams(_Section):
     num_samples: int = Field(ge=10, le=60_000)
     # Conditional accuracy and FID at each guidance weight, on sweep_samples images each.
-    guidance_sweep: list[Annotated[float, Field(ge=0.0)]]
+    guidance_sweep: list[Annotated[float, Field(ge=0.0, le=MAX_GUIDANCE)]] = Field(max_length=20)
     sweep_samples: int = Field(ge=10, le=60_000)
     # FID and class spread of the unconditional model at each autoguidance weight, as many images each.
-    autoguidance_sweep: list[Annotated[float, Field(ge=0.0, le=20.0, allow_inf_nan=False)]]
+    autoguidance_sweep: list[Annotated[float, Field(ge=0.0, le=MAX_GUIDANCE)]] = Field(max_length=20)
     # Classification Accuracy Score: the first cas_samples conditional samples train a
     # classifier for cas_epochs; 0 skips it.
     cas_samples: int = Field(ge=0, le=60_000)
-    cas_epochs: int = Field(ge=1)
+    cas_epochs: int = Field(ge=1, le=1000)
     # The first test_subset test images are the judges' reference (FID, KID, precision and
     # recall) and CAS's test set; None = all 10,000.
     test_subset: int | None = Field(ge=100, le=10_000)
@@ -142,16 +151,16 @@ class EvaluateParams(_Section):
 class EvaluatorParams(_Section):
     """The MNIST classifier that judges samples; its own seed keeps it fixed across experiments."""
 
-    seed: int = Field(ge=0)
-    train_subset: int | None = Field(ge=1, le=60_000)
-    epochs: int = Field(ge=1)
-    batch_size: int = Field(ge=1)
-    lr: float = Field(gt=0.0)
+    seed: int = Field(ge=0, le=MAX_SEED)
+    train_subset: int | None = Field(ge=1, le=TRAINING_IMAGES)
+    epochs: int = Field(ge=1, le=1000)
+    batch_size: int = Field(ge=1, le=MAX_BATCH)
+    lr: float = Field(gt=0.0, le=1.0)
 
 
 class Params(_Section):
-    seed: int = Field(ge=0)
-    epochs: int = Field(ge=1)
+    seed: int = Field(ge=0, le=MAX_SEED)
+    epochs: int = Field(ge=1, le=10_000)
     data: DataParams
     diffusion: DiffusionParams
     model: ModelParams
@@ -161,6 +170,19 @@ class Params(_Section):
     evaluate: EvaluateParams
     evaluator: EvaluatorParams
     evaluator_alt: EvaluatorParams  # the second judge (evaluation.ResidualClassifier), built apart
+
+    @model_validator(mode="after")
+    def _steps_within_the_schedule(self) -> Params:
+        timesteps = self.diffusion.timesteps
+        for key, steps in (("sample.steps", self.sample.steps), ("train.preview_steps", self.train.preview_steps)):
+            if steps > timesteps:
+                raise ValueError(
+                    f"{key} ({steps}) must be at most diffusion.timesteps ({timesteps}): a sampler visits each "
+                    "timestep at most once"
+                )
+        if self.sample.t_min is not None and self.sample.t_min >= timesteps:
+            raise ValueError(f"sample.t_min ({self.sample.t_min}) must be below diffusion.timesteps ({timesteps})")
+        return self
 
     @model_validator(mode="after")
     def _last_timestep_fits(self) -> Params:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ddpm_core import fidelity
 from ddpm_core.data import NUM_CLASSES, ImageSet
-from ddpm_core.files import load_safe
+from ddpm_core.files import load_safe, load_state_checked
 from ddpm_core.pixels import histogram_tv, zero_share
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -266,9 +266,11 @@ def evaluate_samples(
 
 
 def load_classifier(path: Path, architecture: str, device: torch.device | str = "cpu") -> Judge:
-    """A trained judge from its state_dict file, in eval mode."""
+    """A trained judge from its state_dict file, in eval mode; a file that is not that
+    architecture's weights is a CheckpointError naming it."""
+    remedy = "retrain the judges: `dvc repro --force -s train_evaluator`"
     model = ARCHITECTURES[architecture]()
-    model.load_state_dict(load_safe(path))
+    load_state_checked(model, load_safe(path, remedy=remedy), str(path), f"the {architecture} judge's weights", remedy)
     return model.to(device).eval()
 
 

@@ -60,15 +60,52 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, lambda f: f.write(text.encode()))
 
 
-def load_safe(path: Path, map_location: str | torch.device = "cpu") -> Any:
-    """`torch.load(weights_only=True)`: tensors and plain containers only, never code."""
+def load_safe(path: Path, map_location: str | torch.device = "cpu", remedy: str = "") -> Any:
+    """`torch.load(weights_only=True)`: tensors and plain containers only, never code.
+    `remedy` (what to rerun) ends the message of a CheckpointError."""
     path = Path(path)
+    then = f"; {remedy}" if remedy else ""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: checkpoint not found") from None
+        raise CheckpointError(f"{path}: checkpoint not found{then}") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: a folder, not a checkpoint{then}") from None
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: refused, not a plain weights file ({first})") from None
-    except (RuntimeError, EOFError) as exc:
-        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({exc})") from None
+        raise CheckpointError(f"{path}: refused, not a plain weights file ({first}){then}") from None
+    except (RuntimeError, EOFError, ValueError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({first}){then}") from None
+
+
+def _shape(tensor: torch.Tensor) -> str:
+    return "×".join(map(str, tensor.shape)) or "a scalar"
+
+
+def load_state_checked(model: torch.nn.Module, state: Any, name: str, what: str, remedy: str) -> None:
+    """Load `state` (read from the file `name`) into `model`, having checked that it is a
+    state_dict of `model`'s architecture with finite weights; otherwise a CheckpointError:
+    "<name>: not <what> (the first difference); <remedy>". Nothing of `model` changes then."""
+    if not (
+        isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    ):
+        raise CheckpointError(f"{name}: not a state_dict of tensors ({type(state).__name__}); {remedy}")
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"no {missing[0]}" + (f" and {len(missing) - 1} more missing" if len(missing) > 1 else ""))
+        if unexpected:
+            extra = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
+            parts.append(f"an unexpected {unexpected[0]}{extra}")
+        raise CheckpointError(f"{name}: not {what} ({', '.join(parts)}); {remedy}")
+    for key, tensor in expected.items():
+        found = state[key]
+        if found.shape != tensor.shape:
+            raise CheckpointError(f"{name}: not {what} ({key} is {_shape(found)}, expected {_shape(tensor)}); {remedy}")
+        if found.is_floating_point() and not bool(torch.isfinite(found).all()):
+            raise CheckpointError(f"{name}: {key} holds NaN or infinite weights; {remedy}")
+    model.load_state_dict(state)

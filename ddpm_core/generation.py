@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import zipfile
+import zlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -17,8 +19,8 @@ from tqdm import tqdm
 from ddpm_core import hardware
 from ddpm_core.config import DiffusionParams, ModelParams
 from ddpm_core.data import DATASETS, NUM_CLASSES, to_uint8
-from ddpm_core.errors import DataError, TrackingError
-from ddpm_core.files import load_safe, write_atomic
+from ddpm_core.errors import CheckpointError, DataError, TrackingError
+from ddpm_core.files import load_safe, load_state_checked, write_atomic
 from ddpm_core.samplers import Sampler, make_sampler, sample
 from ddpm_core.schedule import make_schedule
 from ddpm_core.unet import UNet, build_unet
@@ -31,10 +33,30 @@ DEFAULT_SAMPLE = {
 }  # fmt: skip
 
 
-def load_unet(path: Path, params: ModelParams, conditional: bool, device: torch.device) -> UNet:
-    """The EMA weights of a trained model, from a state_dict file, ready to sample."""
+def load_unet(
+    path: Path,
+    params: ModelParams,
+    conditional: bool,
+    device: torch.device,
+    source: str | None = None,
+    remedy: str | None = None,
+) -> UNet:
+    """The EMA weights of a trained model, from a state_dict file, ready to sample. A file
+    that is not the (un)conditional U-Net of `params` is a CheckpointError naming it (or
+    `source`, where the weights came from) and `remedy`, by default retraining it with DVC."""
+    kind = "cond" if conditional else "uncond"
+    name = source or str(path)
+    remedy = remedy or f"retrain it: `dvc repro --force -s train_{kind}`"
+    state = load_safe(path, remedy=remedy)
     model = build_unet(params, NUM_CLASSES if conditional else None)
-    model.load_state_dict(load_safe(path))
+    differ = set(state) ^ set(model.state_dict()) if isinstance(state, dict) else None
+    if differ == {"class_emb.weight"}:  # the other kind of the same U-Net: a mixed-up file
+        has, wanted = (
+            ("a conditional", "an unconditional") if not conditional else ("an unconditional", "a conditional")
+        )
+        raise CheckpointError(f"{name}: holds {has} model's weights where {wanted} one belongs; {remedy}")
+    what = f"the {'conditional' if conditional else 'unconditional'} U-Net of model.* in params.yaml"
+    load_state_checked(model, state, name, what, remedy)
     return hardware.place_model(model, device, hardware.sampling_precision(device)).eval().requires_grad_(False)
 
 
@@ -138,19 +160,50 @@ def autoguidance_samples_path(samples_dir: Path, weight: float) -> Path:
     return Path(samples_dir) / "sweep" / f"autoguidance_{weight:g}.npz"
 
 
-def load_labelled_samples(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+RESAMPLE = "run `dvc repro --force -s sample`"
+
+
+def load_labelled_samples(path: Path, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`load_samples` of a file that must hold labels (conditional samples)."""
-    images, labels = load_samples(path)
+    images, labels = load_samples(path, count)
     if labels is None:
-        raise DataError(f"{path}: no labels in it; run the sample stage again")
+        raise DataError(f"{path}: no labels in it; {RESAMPLE}")
     return images, labels
 
 
-def load_samples(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Read what `save_samples` wrote: images as uint8 N×1×28×28, and labels or None."""
+def load_samples(path: Path, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Read what `save_samples` wrote: images as uint8 N×1×28×28, and labels or None.
+    Anything else (not an .npz, truncated, other dtypes or sizes, labels that are not
+    one class 0–9 per image, or not `count` images) is a DataError naming the file."""
+    path = Path(path)
+
+    def refuse(why: str) -> DataError:
+        return DataError(f"{path}: {why}; {RESAMPLE}")
+
     try:
-        with np.load(path) as f:
-            labels = torch.from_numpy(f["labels"]) if "labels" in f.files else None
-            return torch.from_numpy(f["images"])[:, None], labels
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise refuse("a single array, not an .npz of images and labels")
+        with f:
+            if "images" not in f.files:
+                raise refuse(f"no 'images' array in it (it has {', '.join(f.files) or 'none'})")
+            images = f["images"]
+            labels = f["labels"] if "labels" in f.files else None
     except FileNotFoundError:
-        raise DataError(f"{path}: not found; run the sample stage first") from None
+        raise DataError(f"{path}: not found; run `dvc repro -s sample`") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "pickled" in first:  # numpy's guess for any file that is neither .npz nor .npy
+            first = "not an .npz archive"
+        raise refuse(f"not a readable .npz of samples ({first})") from None
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28) or len(images) == 0:
+        raise refuse(f"images are {images.dtype} {'×'.join(map(str, images.shape))}, expected uint8 N×28×28")
+    if count is not None and len(images) != count:
+        raise refuse(f"{len(images)} images, where the params ask for {count}")
+    if labels is not None:
+        if labels.dtype.kind not in "iu" or labels.shape != (len(images),):
+            shape = "×".join(map(str, labels.shape))
+            raise refuse(f"labels are {labels.dtype} {shape}, expected {len(images)} integers, one per image")
+        if len(labels) and not (labels.min() >= 0 and labels.max() < NUM_CLASSES):
+            raise refuse(f"labels run from {labels.min()} to {labels.max()}, expected classes 0 to {NUM_CLASSES - 1}")
+    return torch.from_numpy(images)[:, None], None if labels is None else torch.from_numpy(labels.astype(np.int64))

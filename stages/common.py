@@ -26,7 +26,9 @@ HERE = Path(__file__).resolve().parent
 # --temp experiment must run the library as it was when the experiment was made.
 sys.path.insert(0, str(HERE.parent))
 
-from ddpm_core import environment, hardware, tracking  # noqa: E402
+import previous_outputs  # noqa: E402  (stages/, beside this file)
+
+from ddpm_core import environment, envvars, hardware, tracking  # noqa: E402
 from ddpm_core.config import Params, flatten, load_params  # noqa: E402
 from ddpm_core.errors import exit_on_error  # noqa: E402
 
@@ -207,14 +209,36 @@ def stage_run(stage: str, params: Params) -> Iterator[tracking.StageRun]:
         yield run
 
 
+def put_back_outputs() -> list[str]:
+    """After this stage failed under `dvc repro` / `dvc exp run`: its outputs as dvc.lock
+    records them, from DVC's cache (DVC removed them before running the stage; see
+    previous_outputs). Not in a worker of a multi-process training (its launcher does it),
+    nor when the stage was started by hand (nothing was removed then: each output is
+    written atomically, so it keeps its bytes until the stage replaces it)."""
+    if _dvc_process() is None or "LOCAL_RANK" in os.environ:
+        return []
+    stage = previous_outputs.stage_of_command(sys.argv, HERE.parent / "dvc.yaml")
+    if stage is None:
+        return []
+    try:
+        return previous_outputs.restore(Path.cwd(), stage)
+    except Exception:  # a full disk, say: the stage's own error is the one to report
+        return []
+
+
 def main(stage_main: Callable[[Params], None]) -> None:
     """Load params and run the stage; a user error, a file error or Ctrl-C/SIGTERM becomes
-    one line and an exit status (ddpm_core.errors.exit_on_error), and the stage's MLflow
-    run is marked FAILED or KILLED."""
+    one line and an exit status (ddpm_core.errors.exit_on_error), the stage's MLflow run
+    is marked FAILED or KILLED, and under DVC its previous outputs are put back."""
 
     def body() -> None:
-        params = load_params("params.yaml")
-        hardware.configure_threads()
-        stage_main(params)
+        try:
+            envvars.check_environment()
+            params = load_params("params.yaml")
+            hardware.configure_threads()
+            stage_main(params)
+        except BaseException:
+            put_back_outputs()
+            raise
 
     exit_on_error(body)

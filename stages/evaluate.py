@@ -58,10 +58,12 @@ def run(params: Params) -> None:
     ep = params.evaluate
     test = load_images(common.DATA, params.data.dataset, train=False, subset=ep.test_subset)
     real = load_images(common.DATA, params.data.dataset, train=True, subset=max(ep.num_samples, ep.sweep_samples))
-    uncond, _ = load_samples(SAMPLES / "uncond.npz")
-    cond, cond_labels = load_labelled_samples(SAMPLES / "cond.npz")
-    sweep = {w: load_labelled_samples(sweep_samples_path(SAMPLES, w)) for w in ep.guidance_sweep}
-    autoguided = {a: load_samples(autoguidance_samples_path(SAMPLES, a))[0] for a in ep.autoguidance_sweep}
+    uncond, _ = load_samples(SAMPLES / "uncond.npz", ep.num_samples)
+    cond, cond_labels = load_labelled_samples(SAMPLES / "cond.npz", ep.num_samples)
+    sweep = {w: load_labelled_samples(sweep_samples_path(SAMPLES, w), ep.sweep_samples) for w in ep.guidance_sweep}
+    autoguided = {
+        a: load_samples(autoguidance_samples_path(SAMPLES, a), ep.sweep_samples)[0] for a in ep.autoguidance_sweep
+    }
     with common.stage_run("evaluate", params) as run:
         run.log_dataset(
             **dataset_record(common.DATA, params.data.dataset, test, False, ep.test_subset), context="evaluation"

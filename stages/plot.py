@@ -82,8 +82,8 @@ def run(params: Params) -> None:
         evaluator = json.loads((REPORTS / "evaluator.json").read_text())
         training = {name: json.loads((REPORTS / f"train_{kind}.json").read_text()) for name, kind in MODELS.items()}
         curves = {name: pd.read_csv(REPORTS / f"loss_{kind}.csv") for name, kind in MODELS.items()}
-        uncond, _ = load_samples(Path("data/samples/uncond.npz"))
-        cond, labels = load_labelled_samples(Path("data/samples/cond.npz"))
+        uncond, _ = load_samples(Path("data/samples/uncond.npz"), params.evaluate.num_samples)
+        cond, labels = load_labelled_samples(Path("data/samples/cond.npz"), params.evaluate.num_samples)
         real = load_images(common.DATA, params.data.dataset, train=False)
         per_row = min(10, len(labels) // 10)
         names = class_labels(params.data.dataset)  # digits for MNIST, "sneaker", "bag", … for Fashion-MNIST

@@ -129,3 +129,44 @@ def test_autoguidance_and_budget_keys_are_checked_and_named():
     assert error_of(sample={"autoguidance_cond": -1}).startswith("params.yaml: sample.autoguidance_cond = -1:")
     assert "evaluate.autoguidance_sweep.1 = -2" in error_of(evaluate={"autoguidance_sweep": [1, -2]})
     assert "autoguidance_sweep lists a weight twice" in error_of(evaluate={"autoguidance_sweep": [2, 2]})
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ({"sample": {"guidance": float("inf")}}, "sample.guidance = inf: Input should be a finite number"),
+        ({"train": {"min_snr_gamma": float("nan")}}, "train.min_snr_gamma = nan: Input should be a finite number"),
+        ({"train": {"grad_clip": float("inf")}}, "train.grad_clip = inf: Input should be a finite number"),
+        ({"evaluator": {"lr": float("-inf")}}, "evaluator.lr = -inf: Input should be a finite number"),
+        (
+            {"evaluate": {"guidance_sweep": [1.0, float("inf")]}},
+            "evaluate.guidance_sweep.1 = inf: Input should be a finite",
+        ),
+        ({"sample": {"guidance": 1e300}}, "sample.guidance = 1e+300: Input should be less than or equal to 20"),
+        ({"train": {"lr": 1e300}}, "train.lr = 1e+300: Input should be less than or equal to 1"),
+        ({"sample": {"eta": 5.0}}, "sample.eta = 5.0: Input should be less than or equal to 1"),
+        ({"seed": 2**70}, f"seed = {2**70}: Input should be less than or equal to 4294967295"),
+        ({"sample": {"batch_size": 10**9}}, "sample.batch_size = 1000000000: Input should be less than or equal to"),
+        ({"train": {"batch_size": 10**9}}, "train.batch_size = 1000000000: Input should be less than or equal to"),
+        ({"diffusion": {"timesteps": 10**9}}, "diffusion.timesteps = 1000000000: Input should be less than or equal"),
+        (
+            {"model": {"blocks_per_level": 10**6}},
+            "model.blocks_per_level = 1000000: Input should be less than or equal",
+        ),
+        ({"epochs": True}, "epochs = True: Input should be a valid integer"),
+        ({"seed": False}, "seed = False: Input should be a valid integer"),
+        ({"sample": {"guidance": True}}, "sample.guidance = True: Input should be a valid number"),
+    ],
+)
+def test_numbers_are_finite_bounded_and_not_booleans(override, expected):
+    assert expected in error_of(**override)
+
+
+def test_step_counts_fit_the_schedule():
+    assert "train.preview_steps (5000) must be at most diffusion.timesteps (1000)" in error_of(
+        train={"preview_steps": 5000}
+    )
+    assert "sample.steps (5000) must be at most diffusion.timesteps (1000)" in error_of(sample={"steps": 5000})
+    message = error_of(sample={"sampler": "ddpm", "t_min": 1000})
+    assert "sample.t_min (1000) must be below diffusion.timesteps (1000)" in message
+    parse_params(tiny_raw(sample={"steps": 1000, "t_min": 0}))  # the edge itself is fine

@@ -202,7 +202,7 @@ def test_the_autoguidance_weight_is_finite_and_not_negative(project, capsys, wei
     with pytest.raises(SystemExit) as exit_info:
         generate("--prompt", "7", "--autoguidance", weight)
     assert exit_info.value.code == 2
-    assert f"argument --autoguidance: must be a finite number, 0 or more, got {weight}" in capsys.readouterr().err
+    assert f"argument --autoguidance: must be a number from 0 to 20, got {weight!r}" in capsys.readouterr().err
 
 
 def test_a_registered_model_brings_its_guide(project, capsys, monkeypatch):

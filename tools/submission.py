@@ -39,7 +39,7 @@ import yaml
 # The ddpm_core of this checkout (as stages/common.py does), not whichever pip installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ddpm_core import environment, hardware
+from ddpm_core import environment, envvars, hardware
 from ddpm_core.config import flatten
 
 # params.yaml and dvc.lock come from the work tree: after `dvc repro` both may differ from HEAD.
@@ -123,6 +123,7 @@ def human_size(n: float) -> str:
 
 
 def describe(root: Path) -> dict[str, str]:
+    envvars.check_environment()
     hardware.configure_threads()  # as every stage does, so `threads` is what the stages used
     return environment.describe(root)
 

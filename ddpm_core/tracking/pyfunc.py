@@ -56,9 +56,10 @@ class DigitSampler(PythonModel):
     weight unused. Needs ddpm_core importable (this project installed) where it is loaded."""
 
     def load_context(self, context: PythonModelContext) -> None:
-        from ddpm_core import hardware
+        from ddpm_core import envvars, hardware
         from ddpm_core.generation import load_unet, params_from_logged
 
+        envvars.check_environment()
         spec = json.loads(Path(context.artifacts["params"]).read_text())
         self.kind = spec["kind"]
         model_params, self.diffusion, self.dataset = params_from_logged(spec["params"], "this model")
