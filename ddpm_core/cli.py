@@ -233,6 +233,13 @@ def _classes(args: argparse.Namespace, dataset: str) -> list[int]:
     return [] if args.unconditional else parse_dataset_prompt(args.prompt, dataset)
 
 
+def _check_count(n: int, classes: list[int]) -> None:
+    if classes and n * len(classes) > MAX_IMAGES:
+        raise UsageError(
+            f"--n {n} for each of {len(classes)} classes is {n * len(classes)} images; give at most {MAX_IMAGES} in all"
+        )
+
+
 def generate(args: argparse.Namespace) -> None:
     envvars.check_environment()
     hardware.configure_threads()
@@ -250,6 +257,8 @@ def generate(args: argparse.Namespace) -> None:
         if path is not None and path.is_dir():
             raise UsageError(f"{option} {path}: a folder; name a file in it, e.g. {path / example}")
     classes = None if (args.run_id or args.model) else _classes(args, _local_dataset())
+    if classes is not None:
+        _check_count(args.n, classes)
     defaults = _sample_defaults()
     sampler_name = args.sampler or defaults["sampler"]
     steps = args.steps or defaults["steps"]
@@ -275,10 +284,7 @@ def generate(args: argparse.Namespace) -> None:
 
     labels = torch.tensor(classes).repeat_interleave(args.n) if classes else None
     count = len(labels) if labels is not None else args.n
-    if count > MAX_IMAGES:
-        raise UsageError(
-            f"--n {args.n} for each of {len(classes)} classes is {count} images; give at most {MAX_IMAGES} in all"
-        )
+    _check_count(args.n, classes)
     nrow = args.n if classes else min(args.n, 10)
     recorder = FrameRecorder(len(sampler.timesteps), nrow, args.frames) if args.animate else None
     autocast = hardware.sampling_autocast(device)

@@ -25,7 +25,7 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 # collection order. The files that take minutes go first, longest first, so that neither
 # worker ends the run alone on a long file while the other idles.
 LONGEST_FIRST = [
-    "test_team.py", "test_reproducibility.py", "test_faults.py", "test_docs.py", "test_mlflow_ui.py", "test_judges.py",
+    "test_team.py", "test_reproducibility.py", "test_faults.py", "test_hard_inputs.py", "test_docs.py", "test_mlflow_ui.py", "test_judges.py",
     "test_submission.py", "test_generate.py", "test_fashion.py", "test_pipeline.py", "test_distributed.py",
 ]  # fmt: skip
 
