@@ -3,7 +3,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test lint format bench bundle verify
+.PHONY: setup run test lint format bench peers bundle verify
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,13 @@ format: setup
 bench: setup
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python benchmarks/benchmark.py
+
+# Quality per CPU-minute against diffusers' recipe at equal minutes (benchmarks/peers.py):
+# budgets 1× and 3× the default run's training, hours on 2 cores. Needs data/dataset and the
+# judges in models/ (`dvc repro fetch_data train_evaluator`); writes benchmarks/peers.csv and .json.
+peers: setup
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python benchmarks/peers.py --budgets 1,3
 
 # Submission: `make bundle` packs code, params, dvc.lock, reports, checkpoint hashes and the
 # environment into submissions/; `make verify BUNDLE=path` reruns it in a temporary folder.
