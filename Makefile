@@ -20,7 +20,9 @@ run: setup
 # single-threaded Python (imports, DVC, MLflow) in subprocesses, so two keep both cores busy.
 # Files go out in collection order (tests/conftest.py puts the longest first), not
 # xdist's default of the files with the most tests first.
+# diffusers (the bench extra) too: tests/test_peers.py runs benchmarks/peers.py at a tiny budget.
 test: lint
+	$(BIN)/python -m pip install --quiet -e '.[dev,team,bench]'
 	PATH="$(CURDIR)/$(BIN):$$PATH" python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 # The house rules, configured in pyproject.toml: ruff's lint and format, mypy's types.

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,7 +57,9 @@ class DiffusersEps(nn.Module):
 
     def __init__(self, channels: list[int], blocks_per_level: int, heads: int):
         super().__init__()
-        from diffusers import UNet2DModel
+        from diffusers import UNet2DModel as untyped
+
+        UNet2DModel: Any = untyped  # diffusers' own annotations make mypy call the class "not callable"
 
         down = ["DownBlock2D"] * (len(channels) - 1) + ["AttnDownBlock2D"]
         self.net = UNet2DModel(
