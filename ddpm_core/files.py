@@ -1,8 +1,10 @@
-"""Writing outputs atomically (never a half-written file) and loading checkpoints safely."""
+"""Writing outputs atomically (never a half-written file), loading checkpoints safely, and
+reading what another stage wrote with errors that name the file and what to rerun."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import tempfile
@@ -12,7 +14,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from ddpm_core.errors import CheckpointError
+from ddpm_core.errors import CheckpointError, DataError
 
 
 def _current_umask() -> int:
@@ -109,3 +111,59 @@ def load_state_checked(model: torch.nn.Module, state: Any, name: str, what: str,
         if found.is_floating_point() and not bool(torch.isfinite(found).all()):
             raise CheckpointError(f"{name}: {key} holds NaN or infinite weights; {remedy}")
     model.load_state_dict(state)
+
+
+class Report(dict):
+    """A JSON object read by `read_json`: a missing key is a DataError naming the file,
+    the key and what to rerun, not a KeyError from deep inside a figure."""
+
+    def __init__(self, data: dict, name: str, remedy: str):
+        super().__init__({k: _wrap(v, name, remedy) for k, v in data.items()})
+        self.name, self.remedy = name, remedy
+
+    def __missing__(self, key: str) -> Any:
+        raise DataError(f"{self.name}: no {key!r} in it; {self.remedy}")
+
+
+def _wrap(value: Any, name: str, remedy: str) -> Any:
+    if isinstance(value, dict):
+        return Report(value, name, remedy)
+    if isinstance(value, list):
+        return [_wrap(v, name, remedy) for v in value]
+    return value
+
+
+def read_json(path: Path, remedy: str) -> Report:
+    """A JSON object another stage wrote; missing, unreadable, not an object, or (later)
+    without a key the reader needs: a DataError naming `path` and `remedy`."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found; {remedy}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({str(exc).splitlines()[0]}); {remedy}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: a JSON {type(data).__name__}, expected an object; {remedy}")
+    return Report(data, str(path), remedy)
+
+
+def read_table(path: Path, columns: tuple[str, ...], remedy: str) -> Any:
+    """A CSV another stage wrote, as a pandas DataFrame with at least `columns`, numeric
+    where `columns` ends in a number column; otherwise a DataError naming `path`."""
+    import pandas as pd
+
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found; {remedy}") from None
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: not a readable CSV ({first}); {remedy}") from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DataError(
+            f"{path}: no column {', '.join(missing)} (it has {', '.join(map(str, frame.columns))}); {remedy}"
+        )
+    return frame

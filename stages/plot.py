@@ -15,7 +15,6 @@ the real-data floor, figures, software versions and git revision.
 
 import argparse
 import io
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -28,11 +27,12 @@ from ddpm_core.animation import denoising_gif
 from ddpm_core.config import Params, flatten
 from ddpm_core.data import DATASETS, NUM_CLASSES, load_images, to_model_range
 from ddpm_core.evaluation import autoguidance_sweep_rows, sweep_rows
-from ddpm_core.files import write_atomic, write_text_atomic
+from ddpm_core.files import read_json, read_table, write_atomic, write_text_atomic
 from ddpm_core.generation import load_labelled_samples, load_samples, load_unet, sampler_for
 from ddpm_core.prompts import class_labels
 from ddpm_core.report import render_report
 from ddpm_core.seeding import derived_seed, seed_everything
+from ddpm_core.train import CURVE_COLUMNS
 from ddpm_core.viz import (
     autoguidance_sweep_figure,
     class_rows_grid,
@@ -47,6 +47,8 @@ from ddpm_core.viz import (
 REPORTS = Path("reports")
 FIGURES = REPORTS / "figures"
 MODELS = {"unconditional": "uncond", "conditional": "cond"}
+NEAREST = REPORTS / "nearest_train.csv"  # the evaluate stage's
+NEAREST_COLUMNS = ("model", "sample", "train_index", "distance")
 ANIMATION = "denoising.gif"
 ANIMATION_COLUMNS = 4  # per digit: 40 images at the configured steps take seconds
 
@@ -78,10 +80,16 @@ def denoising_animation(params: Params, path: Path) -> None:
 
 def run(params: Params) -> None:
     with common.stage_run("plot", params) as run:
-        metrics = json.loads((REPORTS / "metrics.json").read_text())
-        evaluator = json.loads((REPORTS / "evaluator.json").read_text())
-        training = {name: json.loads((REPORTS / f"train_{kind}.json").read_text()) for name, kind in MODELS.items()}
-        curves = {name: pd.read_csv(REPORTS / f"loss_{kind}.csv") for name, kind in MODELS.items()}
+        again = "run `dvc repro --force -s {}`".format
+        metrics = read_json(REPORTS / "metrics.json", again("evaluate"))
+        evaluator = read_json(REPORTS / "evaluator.json", again("train_evaluator"))
+        training = {
+            name: read_json(REPORTS / f"train_{kind}.json", again(f"train_{kind}")) for name, kind in MODELS.items()
+        }
+        curves = {
+            name: read_table(REPORTS / f"loss_{kind}.csv", CURVE_COLUMNS, again(f"train_{kind}"))
+            for name, kind in MODELS.items()
+        }
         uncond, _ = load_samples(Path("data/samples/uncond.npz"), params.evaluate.num_samples)
         cond, labels = load_labelled_samples(Path("data/samples/cond.npz"), params.evaluate.num_samples)
         real = load_images(common.DATA, params.data.dataset, train=False)
@@ -127,7 +135,7 @@ def run(params: Params) -> None:
         samples = {"uncond": uncond, "cond": cond}
         pairs = [
             (samples[r["model"]][r["sample"], 0].numpy(), train_set.images[r["train_index"], 0].numpy(), f"{r['model']} {r['distance']:.0f}")
-            for r in pd.read_csv(REPORTS / "nearest_train.csv").to_dict("records")
+            for r in read_table(NEAREST, NEAREST_COLUMNS, again("evaluate")).to_dict("records")
         ]  # fmt: skip
         figures["Generated digits nearest a training image (pixel L2 distance under each)"] = (
             "nearest_training.png",
@@ -147,36 +155,32 @@ def run(params: Params) -> None:
                 "autoguidance_sweep.png",
                 autoguidance_sweep_figure(autoguided, ag["fid_floor"], ag["num_samples"], ag.get("fid_alt_floor")),
             )
-        for _, (name, fig) in figures.items():
-            save_figure(fig, FIGURES / name)
-        denoising_animation(params, FIGURES / ANIMATION)
         images = {caption: name for caption, (name, _) in figures.items()}
         images["Denoising: the conditional model from noise to digits (row = digit)"] = ANIMATION
         rows = [
             (names[int(c)], metrics["cond_accuracy_per_class"][c], metrics["uncond_class_fractions"][c])
             for c in metrics["cond_accuracy_per_class"]
         ]
-        write_text_atomic(
-            REPORTS / "per_class.csv",
-            pd.DataFrame(rows, columns=["class", "accuracy", "uncond_fraction"]).to_csv(index=False),
-        )
-        # An empty sweep still writes the header: the file is a DVC output.
-        write_text_atomic(
-            REPORTS / "guidance_sweep.csv",
-            pd.DataFrame(sweep, columns=["guidance", "cond_accuracy", "fid"]).to_csv(index=False),
-        )
-        write_text_atomic(
-            REPORTS / "autoguidance_sweep.csv",
-            pd.DataFrame(autoguided, columns=["autoguidance", "fid", "fid_alt", "max_class_deviation"]).to_csv(
-                index=False
+        tables = {
+            "per_class.csv": pd.DataFrame(rows, columns=["class", "accuracy", "uncond_fraction"]),
+            # An empty sweep still writes the header: the file is a DVC output.
+            "guidance_sweep.csv": pd.DataFrame(sweep, columns=["guidance", "cond_accuracy", "fid"]),
+            "autoguidance_sweep.csv": pd.DataFrame(
+                autoguided, columns=["autoguidance", "fid", "fid_alt", "max_class_deviation"]
             ),
-        )
-
+        }
         environment = common.run_environment()
         report = render_report(
             flatten(params), metrics, evaluator["test_accuracy"], training,
             {caption: f"figures/{name}" for caption, name in images.items()}, environment,
         )  # fmt: skip
+        # Everything read and composed: only now does the stage write (a broken report of
+        # another stage above leaves every output as it was).
+        denoising_animation(params, FIGURES / ANIMATION)
+        for _, (name, fig) in figures.items():
+            save_figure(fig, FIGURES / name)
+        for name, table in tables.items():
+            write_text_atomic(REPORTS / name, table.to_csv(index=False))
         write_text_atomic(REPORTS / "report.md", report)
         for name in images.values():
             run.log_parent_artifact(FIGURES / name, "figures")

@@ -4,6 +4,7 @@ stages, environment variables, full or read-only folders. Each case runs the rea
 file under models/ or data/samples/ changed (docs/faults.md)."""
 
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from ddpm_core.cli import main as cli_main
 from ddpm_core.envvars import check_environment
 from ddpm_core.errors import CheckpointError, ConfigError, DataError
 from ddpm_core.evaluation import ARCHITECTURES, load_classifier
+from ddpm_core.files import read_json, read_table
 from ddpm_core.generation import load_labelled_samples, load_unet, save_samples
 from ddpm_core.unet import build_unet
 
@@ -299,6 +301,47 @@ def test_every_wrong_checkpoint_is_one_error_naming_it(tmp_path, tiny_params, we
     assert str(info.value).endswith("; retrain the judges: `dvc repro --force -s train_evaluator`")
     load_unet(weights["cond"], tiny_params.model, True, torch.device("cpu"))  # the right file still loads
     load_classifier(weights["vgg"], "vgg")
+
+
+def test_reports_of_other_stages_are_read_with_errors_naming_the_file(tmp_path):
+    remedy = "run `dvc repro --force -s evaluate`"
+    path = tmp_path / "metrics.json"
+    for text, why in (
+        ("{bad", "not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"),
+        ("[1]", "a JSON list, expected an object"),
+    ):
+        path.write_text(text)
+        with pytest.raises(DataError) as info:
+            read_json(path, remedy)
+        assert str(info.value) == f"{path}: {why}; {remedy}"
+    path.write_text(json.dumps({"fid_floor": 1.0, "guidance_sweep": {"rows": [{"guidance": 1}]}}))
+    metrics = read_json(path, remedy)
+    assert metrics["fid_floor"] == 1.0 and metrics["guidance_sweep"]["rows"][0]["guidance"] == 1
+    for lookup in (lambda: metrics["fid_uncond"], lambda: metrics["guidance_sweep"]["fid_floor"]):
+        with pytest.raises(DataError) as info:
+            lookup()
+        assert str(info.value).startswith(f"{path}: no '") and str(info.value).endswith(f"' in it; {remedy}")
+    assert metrics.get("fid_uncond") is None  # an optional key stays optional
+    table = tmp_path / "loss.csv"
+    table.write_text("x\n1\n")
+    with pytest.raises(DataError) as info:
+        read_table(table, ("step", "epoch", "loss"), remedy)
+    assert str(info.value) == f"{table}: no column step, epoch, loss (it has x); {remedy}"
+
+
+def test_a_broken_report_stops_the_plot_stage_before_it_writes(tiny_pipeline_copy):
+    project = tiny_pipeline_copy
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    del metrics["fid_uncond"]
+    (project / "reports/metrics.json").write_text(json.dumps(metrics))
+    outputs = sorted((project / "reports").rglob("*"))
+    before = {p: p.read_bytes() for p in outputs if p.is_file()}
+    done = run_in(project, "stages/plot.py")
+    assert done.returncode == 1
+    assert one_error_line(done) == (
+        "error: reports/metrics.json: no 'fid_uncond' in it; run `dvc repro --force -s evaluate`"
+    )
+    assert {p: p.read_bytes() for p in outputs if p.is_file()} == before
 
 
 # --- full and read-only folders -----------------------------------------------------
