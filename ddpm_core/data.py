@@ -213,8 +213,18 @@ def load_images(root: Path, dataset: str, train: bool = True, subset: int | None
     raw = raw_folder(root, dataset)
     if not raw.is_dir():
         raise DataError(f"{raw}: no {DATASETS[dataset].title} here; run the fetch_data stage first")
-    ds = DATASETS[dataset].torchvision_class(root, train=train, download=False)
+    refetch = "run `dvc repro --force -s fetch_data`"
+    try:
+        ds = DATASETS[dataset].torchvision_class(root, train=train, download=False)
+    except (RuntimeError, AssertionError, ValueError, OSError) as exc:
+        # torchvision's reader of the idx files: a truncated or foreign file fails its shape
+        # check (RuntimeError), its magic number (AssertionError), or is missing (OSError).
+        split = "training" if train else "test"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{raw}: the {split} files are missing or damaged ({first}); {refetch}") from None
     images, labels = ds.data, ds.targets
+    if len(images) != len(labels):
+        raise DataError(f"{raw}: {len(images)} images but {len(labels)} labels; {refetch}")
     if subset is not None:
         images, labels = images[:subset], labels[:subset]
     return ImageSet(images.unsqueeze(1).contiguous(), labels.long())

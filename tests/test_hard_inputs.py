@@ -5,6 +5,7 @@ file under models/ or data/samples/ changed (docs/faults.md)."""
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from test_faults import mounted
 
 from conftest import clean_env
 from ddpm_core.cli import main as cli_main
+from ddpm_core.data import load_images
 from ddpm_core.envvars import check_environment
 from ddpm_core.errors import CheckpointError, ConfigError, DataError
 from ddpm_core.evaluation import ARCHITECTURES, load_classifier
@@ -342,6 +344,27 @@ def test_a_broken_report_stops_the_plot_stage_before_it_writes(tiny_pipeline_cop
         "error: reports/metrics.json: no 'fid_uncond' in it; run `dvc repro --force -s evaluate`"
     )
     assert {p: p.read_bytes() for p in outputs if p.is_file()} == before
+
+
+def test_a_damaged_dataset_file_is_one_error_naming_the_folder(mnist_root, tmp_path):
+    shutil.copytree(mnist_root, tmp_path / "dataset")
+    raw = tmp_path / "dataset/MNIST/raw"
+    images = raw / "t10k-images-idx3-ubyte"
+    remedy = "run `dvc repro --force -s fetch_data`"
+    for damage, why in (
+        (
+            lambda: images.write_bytes(images.read_bytes()[:5000]),
+            "shape '[10000, 28, 28]' is invalid for input of size 4984",
+        ),
+        (lambda: images.write_bytes(b"garbage"), "AssertionError"),
+        (lambda: images.unlink(), "Dataset not found. You can use download=True to download it"),
+    ):
+        damage()
+        with pytest.raises(DataError) as info:
+            load_images(tmp_path / "dataset", "mnist", train=False)
+        assert str(info.value) == f"{raw}: the test files are missing or damaged ({why}); {remedy}"
+    shutil.copy(mnist_root / "MNIST/raw/t10k-images-idx3-ubyte", images)
+    assert len(load_images(tmp_path / "dataset", "mnist", train=False, subset=10).images) == 10  # whole again
 
 
 # --- full and read-only folders -----------------------------------------------------
