@@ -298,7 +298,8 @@ def train_theirs(
     batches = Batches(data, batch_size, params.train_cond.p_uncond if conditional else None, generator)
     trained, steps, images = 0.0, 0, 0
     bar = tqdm(total=round(budget_s, 1), desc=desc, unit="s", mininterval=1.0, dynamic_ncols=True)
-    while steps < planned and trained + (trained / steps if steps else step_s) <= budget_s:
+    # At least one step (a tiny test budget can be below one step's time); then on the clock.
+    while steps == 0 or (steps < planned and trained + trained / steps <= budget_s):
         started = time.perf_counter()
         x0, labels = batches.next(device)
         loss = run.step(x0, labels, generator)

@@ -163,22 +163,27 @@ def autoguidance_samples_path(samples_dir: Path, weight: float) -> Path:
 RESAMPLE = "run `dvc repro --force -s sample`"
 
 
-def load_labelled_samples(path: Path, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def load_labelled_samples(
+    path: Path, count: int | None = None, remedy: str = RESAMPLE
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`load_samples` of a file that must hold labels (conditional samples)."""
-    images, labels = load_samples(path, count)
+    images, labels = load_samples(path, count, remedy)
     if labels is None:
-        raise DataError(f"{path}: no labels in it; {RESAMPLE}")
+        raise DataError(f"{path}: no labels in it; {remedy}")
     return images, labels
 
 
-def load_samples(path: Path, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def load_samples(
+    path: Path, count: int | None = None, remedy: str = RESAMPLE
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Read what `save_samples` wrote: images as uint8 N×1×28×28, and labels or None.
     Anything else (not an .npz, truncated, other dtypes or sizes, labels that are not
-    one class 0–9 per image, or not `count` images) is a DataError naming the file."""
+    one class 0–9 per image, or not `count` images) is a DataError naming the file and
+    ending in `remedy` (for the pipeline's own files: rerun the sample stage)."""
     path = Path(path)
 
     def refuse(why: str) -> DataError:
-        return DataError(f"{path}: {why}; {RESAMPLE}")
+        return DataError(f"{path}: {why}; {remedy}")
 
     try:
         f = np.load(path, allow_pickle=False)
@@ -190,7 +195,7 @@ def load_samples(path: Path, count: int | None = None) -> tuple[torch.Tensor, to
             images = f["images"]
             labels = f["labels"] if "labels" in f.files else None
     except FileNotFoundError:
-        raise DataError(f"{path}: not found; run `dvc repro -s sample`") from None
+        raise DataError(f"{path}: not found; {remedy.replace(' --force', '')}") from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "pickled" in first:  # numpy's guess for any file that is neither .npz nor .npy

@@ -83,7 +83,7 @@ def run(params: Params) -> None:
         again = "run `dvc repro --force -s {}`".format
         metrics = read_json(REPORTS / "metrics.json", again("evaluate"))
         evaluator = read_json(REPORTS / "evaluator.json", again("train_evaluator"))
-        training = {
+        training: dict[str, dict] = {
             name: read_json(REPORTS / f"train_{kind}.json", again(f"train_{kind}")) for name, kind in MODELS.items()
         }
         curves = {

@@ -62,5 +62,5 @@ def test_samples_round_trip_through_the_npz_format_users_load(tmp_path):
     back, back_labels = load_samples(tmp_path / "cond.npz")
     assert torch.equal(back, images) and torch.equal(back_labels, labels)
     assert load_samples(tmp_path / "uncond.npz")[1] is None
-    with pytest.raises(DataError, match="run the sample stage first"):
+    with pytest.raises(DataError, match=r"missing.npz: not found; run `dvc repro -s sample`"):
         load_samples(tmp_path / "missing.npz")

@@ -143,5 +143,6 @@ def test_cli_refuses_what_is_not_save_samples_output(models_dir, mnist_root, tmp
     assert (
         out.returncode == 1
         and out.stderr.strip()
-        == f"error: {tmp_path / 'float.npz'}: `images` must be uint8 N×28×28, got float32 (4, 28, 28)"
+        == f"error: {tmp_path / 'float.npz'}: images are float32 4×28×28, expected uint8 N×28×28; "
+        "give an .npz as ddpm_core.generation.save_samples writes it (`images` uint8 N×28×28, `labels` 0–9)"
     )
