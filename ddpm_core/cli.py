@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from ddpm_core import envvars, hardware
 from ddpm_core.animation import FrameRecorder, save_gif
-from ddpm_core.config import MAX_GUIDANCE, MAX_SEED, DiffusionParams, load_params
+from ddpm_core.config import MAX_GUIDANCE, MAX_SEED, MAX_TIMESTEPS, DiffusionParams, load_params
 from ddpm_core.data import DATASETS
 from ddpm_core.errors import CheckpointError, ConfigError, DDPMError, exit_on_error
 from ddpm_core.files import write_atomic
@@ -62,7 +62,7 @@ class UsageError(DDPMError):
 
 # One batch of images is drawn at once (the GIF needs all of them at every step).
 MAX_IMAGES = 2000
-MAX_STEPS = 10_000  # diffusion.timesteps' bound
+MAX_STEPS = MAX_TIMESTEPS
 
 
 def _whole(text: str, low: int, high: int) -> int:
@@ -284,7 +284,8 @@ def generate(args: argparse.Namespace) -> None:
 
     labels = torch.tensor(classes).repeat_interleave(args.n) if classes else None
     count = len(labels) if labels is not None else args.n
-    _check_count(args.n, classes)
+    if args.run_id or args.model:  # the classes were known only now (the run's dataset)
+        _check_count(args.n, classes)
     nrow = args.n if classes else min(args.n, 10)
     recorder = FrameRecorder(len(sampler.timesteps), nrow, args.frames) if args.animate else None
     autocast = hardware.sampling_autocast(device)

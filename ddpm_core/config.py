@@ -27,6 +27,7 @@ class _Section(BaseModel):
 MAX_SEED = 2**32 - 1  # numpy's seeds; torch's generator takes them too
 MAX_BATCH = 4096
 MAX_GUIDANCE = 20.0
+MAX_TIMESTEPS = 10_000
 TRAINING_IMAGES = 60_000  # MNIST and Fashion-MNIST
 
 
@@ -36,7 +37,7 @@ class DataParams(_Section):
 
 
 class DiffusionParams(_Section):
-    timesteps: int = Field(ge=2, le=10_000)
+    timesteps: int = Field(ge=2, le=MAX_TIMESTEPS)
     schedule: Literal["linear", "cosine"]
     prediction: Literal["eps", "v"]  # what the network outputs: the noise ε or v = α ε − σ x_0
     offset_noise: float = Field(ge=0.0, le=1.0)  # std of a per-image noise shift (diffusion.draw_noise)

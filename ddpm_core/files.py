@@ -149,8 +149,8 @@ def read_json(path: Path, remedy: str) -> Report:
 
 
 def read_table(path: Path, columns: tuple[str, ...], remedy: str) -> Any:
-    """A CSV another stage wrote, as a pandas DataFrame with at least `columns`, numeric
-    where `columns` ends in a number column; otherwise a DataError naming `path`."""
+    """A CSV another stage wrote, as a pandas DataFrame with at least `columns`; missing,
+    unreadable or without one of them: a DataError naming `path` and `remedy`."""
     import pandas as pd
 
     path = Path(path)

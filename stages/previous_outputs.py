@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from ddpm_core.files import write_atomic
+
 
 def _md5(path: Path) -> str:
     digest = hashlib.md5()
@@ -54,20 +56,8 @@ def _cache_path(root: Path) -> Callable[[str], Path]:
 
 
 def _put_file(source: Path | bytes, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if isinstance(source, bytes):
-                f.write(source)
-            else:
-                with source.open("rb") as src:
-                    shutil.copyfileobj(src, f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    content = source if isinstance(source, bytes) else source.read_bytes()
+    write_atomic(dest, lambda f: f.write(content))
 
 
 def _restore_dir(dest: Path, manifest: list[dict], cached: Callable[[str], Path]) -> bool:
