@@ -115,10 +115,12 @@ from ddpm_core.config import Params, parse_params  # noqa: E402
 from ddpm_core.data import NUM_CLASSES, ImageSet, load_images, to_model_range, to_uint8  # noqa: E402
 from ddpm_core.errors import DataError, exit_on_error  # noqa: E402
 from ddpm_core.evaluation import PR_K, SampleScorer, judge_features, load_judges  # noqa: E402
+from ddpm_core.files import write_atomic  # noqa: E402
 from ddpm_core.generation import balanced_labels, generate, sampler_for  # noqa: E402
 from ddpm_core.seeding import derived_seed  # noqa: E402
 from ddpm_core.train import TrainingPlan, train_diffusion  # noqa: E402
 from ddpm_core.unet import UNet, build_unet  # noqa: E402
+from ddpm_core.viz import class_rows_grid, image_grid  # noqa: E402
 
 OURS, SMALL, MATCHED = "ddpm_core", "diffusers-small", "diffusers-matched"
 RECIPES = (OURS, SMALL, MATCHED)
@@ -349,6 +351,20 @@ def sample_theirs(
     return torch.cat(batches)
 
 
+def save_grid(path: Path, images: torch.Tensor, labels: torch.Tensor | None) -> None:
+    """The first 100 of a row's uint8 samples as a PNG, 10 a row; conditional ones a row per class."""
+    from PIL import Image
+
+    x = to_model_range(images)
+    per_class = int(torch.bincount(labels, minlength=NUM_CLASSES).min()) if labels is not None else 0
+    if labels is not None and per_class:
+        grid = class_rows_grid(x, labels, min(10, per_class), NUM_CLASSES)
+    else:
+        grid = image_grid(x[:100], nrow=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
+
+
 def training_scheduler() -> Any:
     """The example's noise schedule: DDPMScheduler, 1,000 steps, linear β, ε prediction."""
     return diffusers().DDPMScheduler(
@@ -538,7 +554,8 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).with_name("peers.csv"),
-        help="the table as CSV here, rows, ratios and settings as JSON beside it (.json) (default: benchmarks/peers.csv)",
+        help="the table as CSV here, rows, ratios and settings as JSON beside it (.json), each row's first 100 "
+        "samples as a PNG in <name>_grids/ (default: benchmarks/peers.csv)",
     )  # fmt: skip
     parser.add_argument(
         "--models-dir", type=Path, default=ROOT / "models", help="folder of evaluator.pt and evaluator_alt.pt"
@@ -645,6 +662,7 @@ def run(args: argparse.Namespace) -> None:
     progress = Progress(pieces)
 
     rows: list[dict] = []
+    grids = args.out.with_name(args.out.stem + "_grids")  # a PNG of each row's samples
 
     def record(
         recipe: str, kind: str, b: int, sampler: str, trained: Trained, images: torch.Tensor,
@@ -659,6 +677,8 @@ def run(args: argparse.Namespace) -> None:
             **judging.score(images, labels),
         }  # fmt: skip
         rows.append(row)
+        slug = f"{recipe}_{kind}_{b}x_{sampler}".replace(":", "").replace(" ", "_")
+        save_grid(grids / f"{slug}.png", images, labels)
         print(json.dumps(row), flush=True)
 
     for b in args.budgets:

@@ -94,6 +94,16 @@ def test_a_tiny_run_has_every_row_within_the_budget(models_dir, mnist_root, tmp_
     assert "ours / theirs at equal minutes" in proc.stdout
     assert "peers [1/" in proc.stderr and "left" in proc.stderr  # the progress line with its estimate
 
+    # A picture of every row: its first samples, 10 a row; the conditional ones a row per class.
+    from PIL import Image
+
+    grids = sorted((out.parent / "table_grids").glob("*.png"))
+    assert len(grids) == len(table)
+    for path in grids:
+        conditional = "_cond_" in path.name
+        width, height = Image.open(path).size
+        assert (width, height) == ((2 + 2 * 30, 10 * 30 + 2) if conditional else (10 * 30 + 2, 2 * 30 + 2))
+
 
 def test_arguments():
     peers = load_peers()
