@@ -87,6 +87,14 @@ def network(params: Params, weights: dict, conditional: bool, device: torch.devi
     return hardware.place_model(model, device, hardware.sampling_precision(device)).eval().requires_grad_(False)
 
 
+def interval(text: str) -> tuple[int, int] | None:
+    """"LO:HI" → (LO, HI); "all" → None (CFG at every step)."""
+    if text == "all":
+        return None
+    lo, hi = text.split(":")
+    return int(lo), int(hi)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="key=value, as with dvc exp run -S")
@@ -95,6 +103,8 @@ def main() -> None:
     parser.add_argument("--weights", nargs="+", type=float, default=[1.0, 1.5, 2.0], help="autoguidance weights")
     parser.add_argument("--cfg", nargs="+", type=float, default=None, help="CFG weights (default: sample.guidance)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--intervals", nargs="+", type=interval, default=[None], metavar="LO:HI",
+                        help="timesteps CFG applies at (sample.guidance_interval), `all` for every step")  # fmt: skip
     args = parser.parse_args()
 
     hardware.configure_threads()
@@ -127,19 +137,21 @@ def main() -> None:
                 for w in args.weights:
                     if w == 1 and fraction != args.guide_at[0]:
                         continue  # the model alone: one row per seed and CFG weight is enough
-                    for cfg in cfgs:
+                    for cfg, span in [(c, i) for c in cfgs for i in (args.intervals if conditional else [None])]:
                         labels = balanced_labels(n) if conditional else None
                         generator = torch.Generator().manual_seed(derived_seed(seed, f"sample/{kind}"))
                         started = time.perf_counter()
                         images = generate(
                             model, sampler, n, generator, labels, cfg, params.sample.batch_size, device, autocast,
                             desc=f"{kind} guide@{fraction:g} w{w:g} cfg{cfg:g} seed{seed}", guide=guide, autoguidance=w,
+                            guidance_interval=span,
                         )  # fmt: skip
                         seconds = time.perf_counter() - started
                         s = scorer.score(images, labels)
                         row = {
                             "setting": setting, "model": kind, "seed": seed, "guide_at": fraction,
                             "guide_step": run["steps"][fraction], "autoguidance": w, "cfg": cfg if conditional else None,
+                            "cfg_interval": "all" if span is None else f"{span[0]}:{span[1]}",
                             "train_s": round(run["train_s"]), "train_img_s": round(run["images_per_s"]),
                             "sample_img_s": round(n / seconds, 1),
                             "fid_x_floor": round(s["fid_over_floor"], 2), "fid_alt_x_floor": round(s["fid_alt_over_floor"], 2),
@@ -161,7 +173,8 @@ def main() -> None:
 
     table = pd.DataFrame(rows)
     out = Path(__file__).with_name("autoguidance.csv")
-    table.to_csv(out, mode="a", header=not out.exists(), index=False)
+    kept = pd.read_csv(out) if out.exists() else None  # rows of older runs may lack newer columns
+    (table if kept is None else pd.concat([kept, table], ignore_index=True)).to_csv(out, index=False)
     print(table.to_string(index=False))
 
 

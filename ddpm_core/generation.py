@@ -124,10 +124,12 @@ def generate(
     desc: str = "sampling",
     guide: UNet | None = None,
     autoguidance: float = 1.0,
+    guidance_interval: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """`n` uint8 images (n, 1, 28, 28), in batches; one generator feeds every batch, so
     the result depends on the seed and the batch size, not on the device. `guide` and
-    `autoguidance`: autoguidance (samplers.guided_output); weight 1 leaves the guide out."""
+    `autoguidance`: autoguidance (samplers.guided_output); weight 1 leaves the guide out.
+    `guidance_interval`: the timesteps CFG applies at (samplers.sample)."""
     batches = []
     with tqdm(total=n, desc=desc, unit="img", mininterval=1.0) as bar:
         for start in range(0, n, batch_size):
@@ -135,7 +137,7 @@ def generate(
             batch_labels = labels[start : start + count] if labels is not None else None
             images = sample(
                 model, sampler, (count, 1, 28, 28), generator, batch_labels, guidance, device, autocast,
-                guide=guide, autoguidance=autoguidance,
+                guide=guide, autoguidance=autoguidance, guidance_interval=guidance_interval,
             )  # fmt: skip
             batches.append(to_uint8(images).cpu())
             bar.update(count)

@@ -278,10 +278,14 @@ def sample(
     on_step: Callable[[int, torch.Tensor, torch.Tensor | None], None] | None = None,
     guide: nn.Module | None = None,
     autoguidance: float = 1.0,
+    guidance_interval: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Draw `shape` images in [−1, 1]. All noise comes from the CPU `generator`, so the
     same seed gives the same images on any device (up to the device's arithmetic).
-    `guidance`, `guide` and `autoguidance` combine as in `guided_output`.
+    `guidance`, `guide` and `autoguidance` combine as in `guided_output`;
+    `guidance_interval` (lo, hi) applies the CFG weight only at the steps whose timestep t
+    has lo ≤ t ≤ hi and samples plainly conditionally (w_cfg = 1) at the others
+    (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval"); None = every step.
 
     `on_step(k, x, x0)` watches the loop, len(sampler.timesteps) + 1 calls: k = 0 with the
     initial noise (x0 None: nothing predicted yet), then after step k the new x and the
@@ -294,7 +298,8 @@ def sample(
     for i, t in enumerate(sampler.timesteps.tolist()):
         t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
         with autocast():
-            output = guided_output(model, x, t_batch, labels, guidance, guide, autoguidance).float()
+            w_cfg = guidance if guidance_interval is None or guidance_interval[0] <= t <= guidance_interval[1] else 1.0
+            output = guided_output(model, x, t_batch, labels, w_cfg, guide, autoguidance).float()
         noise = draw_noise(shape, generator, sampler.offset_noise).to(device)
         x_next = sampler.step(x, output, i, noise)
         if on_step is not None:

@@ -189,6 +189,29 @@ def test_guided_sampling_reaches_the_extrapolated_class_value():
     assert torch.allclose(out[1], torch.full((1, 2, 2), -0.6), atol=1e-4)
 
 
+def test_guidance_interval_guides_only_the_steps_inside_it():
+    # Exact ε for per-class constants: each step's x̂_0 is the guided value null + w (c_y − null)
+    # inside the interval and c_y outside it, and DDIM ends at the last step's x̂_0.
+    schedule = make_schedule("linear", 1000)
+    model = ConstantDataEps(schedule, [0.2, -0.3], null_value=0.0)
+    labels = torch.tensor([0, 1])
+    sampler = DDIMSampler(schedule, 20)  # 999, 949, ..., 49
+    assert sampler.timesteps[-1].item() == 49
+
+    def draw(interval):
+        model.batch_sizes.clear()
+        gen = torch.Generator().manual_seed(0)
+        return sample(model, sampler, (2, 1, 2, 2), gen, labels, 2.0, guidance_interval=interval)
+
+    last_only = draw((0, 49))
+    assert torch.allclose(last_only[:, 0, 0, 0], torch.tensor([0.4, -0.6]), atol=1e-4)
+    assert model.batch_sizes == [2] * 19 + [4]  # unguided steps: one conditional pass, no null pass
+    all_but_last = draw((50, 999))
+    assert torch.allclose(all_but_last[:, 0, 0, 0], torch.tensor([0.2, -0.3]), atol=1e-4)
+    assert model.batch_sizes == [4] * 19 + [2]
+    assert torch.equal(draw((0, 999)), draw(None))  # an interval covering every step is plain CFG
+
+
 def test_same_generator_seed_gives_same_samples():
     schedule = make_schedule("linear", 100)
     torch.manual_seed(0)
