@@ -88,7 +88,7 @@ def network(params: Params, weights: dict, conditional: bool, device: torch.devi
 
 
 def interval(text: str) -> tuple[int, int] | None:
-    """"LO:HI" → (LO, HI); "all" → None (CFG at every step)."""
+    """Parse `LO:HI` → (LO, HI); `all` → None (CFG at every step)."""
     if text == "all":
         return None
     lo, hi = text.split(":")
