@@ -97,6 +97,16 @@ def _weight(text: str) -> float:
     return value
 
 
+def _interval(text: str) -> list[int] | str:
+    """`LO:HI` → [LO, HI] (timesteps, LO ≤ HI); `all` (guidance at every step) stays `all`."""
+    if text == "all":
+        return text
+    parts = text.split(":")
+    if len(parts) == 2 and all(p.strip().isdigit() for p in parts) and int(parts[0]) <= int(parts[1]):
+        return [int(parts[0]), int(parts[1])]
+    raise argparse.ArgumentTypeError(f"must be LO:HI, two timesteps with LO ≤ HI (e.g. 0:340), or all; got {text!r}")
+
+
 def _local_dataset() -> str:
     """data.dataset of ./params.yaml, or mnist when there is none."""
     return load_params("params.yaml").data.dataset if Path("params.yaml").exists() else "mnist"
@@ -142,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--guidance", type=_weight, help="classifier-free guidance weight from 0 to 20: 1 = plain conditional, "
                      "higher = more typical images (default: sample.guidance of params.yaml)")  # fmt: skip
+    gen.add_argument("--guidance-interval", type=_interval, metavar="LO:HI",
+                     help="apply --guidance only at the steps whose timestep t has LO <= t <= HI (e.g. 0:340, the last 4 "
+                     "of 10 steps: more varied digits, docs/performance.md); `all`: every step (default: "
+                     "sample.guidance_interval of params.yaml)")  # fmt: skip
     gen.add_argument("--autoguidance", type=_weight, metavar="W",
                      help="autoguidance weight: how far the model is pushed away from its guide, an earlier snapshot of "
                      "its training (models/<kind>_guide.pt); 1 = off, 0 = the guide alone (default: sample.autoguidance_cond, "
@@ -263,6 +277,8 @@ def generate(args: argparse.Namespace) -> None:
     sampler_name = args.sampler or defaults["sampler"]
     steps = args.steps or defaults["steps"]
     guidance = defaults["guidance"] if args.guidance is None else args.guidance
+    given = args.guidance_interval
+    interval = defaults.get("guidance_interval") if given is None else None if given == "all" else given
     kind = "uncond" if args.unconditional else "cond"
     # params.yaml's weight goes with models/<kind>_guide.pt; weights from MLflow get the project's default.
     autoguidance_defaults = DEFAULT_SAMPLE if (args.run_id or args.model) else defaults
@@ -281,6 +297,13 @@ def generate(args: argparse.Namespace) -> None:
             f"--steps {steps}: the model has {diffusion.timesteps} diffusion timesteps, steps can't exceed that"
         )
     sampler = sampler_for(diffusion, {**defaults, "sampler": sampler_name}, steps)
+    visited = sampler.timesteps.tolist()
+    if classes and interval is not None and not any(interval[0] <= t <= interval[1] for t in visited):
+        raise UsageError(
+            f"guidance interval {interval[0]}:{interval[1]} holds none of the sampler's timesteps "
+            f"({', '.join(map(str, visited[:12]))}{', …' if len(visited) > 12 else ''}): guidance would never apply; "
+            "widen it, or give --guidance-interval all"
+        )
 
     labels = torch.tensor(classes).repeat_interleave(args.n) if classes else None
     count = len(labels) if labels is not None else args.n
@@ -311,6 +334,7 @@ def generate(args: argparse.Namespace) -> None:
             on_step,
             guide=guide,
             autoguidance=autoguidance,
+            guidance_interval=interval,
         )
 
     grid = image_grid(images, nrow)
@@ -320,6 +344,8 @@ def generate(args: argparse.Namespace) -> None:
     else:
         what = f"classes {', '.join(CLASS_NAMES[dataset][c] for c in classes)}"
     what = f"{what}, guidance {guidance:g}" if classes else "unconditional"
+    if classes and interval is not None:
+        what = f"{what} at t in [{interval[0]}, {interval[1]}]"
     if autoguidance != 1:
         what = f"{what}, autoguidance {autoguidance:g}"
     print(

@@ -108,6 +108,8 @@ class SampleParams(_Section):
     # The last timestep index visited (samplers.trailing_timesteps); None = T/steps − 1.
     t_min: int | None = Field(ge=0)
     guidance: float = Field(ge=0.0, le=MAX_GUIDANCE)
+    # [lo, hi]: CFG only at the timesteps lo ≤ t ≤ hi (samplers.sample); None = every step.
+    guidance_interval: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=2, max_length=2)] | None
     # Autoguidance weights (samplers.guided_output): 1 = the model alone, 0 = its guide alone.
     autoguidance_uncond: float = Field(ge=0.0, le=MAX_GUIDANCE)
     autoguidance_cond: float = Field(ge=0.0, le=MAX_GUIDANCE)
@@ -183,6 +185,29 @@ class Params(_Section):
                 )
         if self.sample.t_min is not None and self.sample.t_min >= timesteps:
             raise ValueError(f"sample.t_min ({self.sample.t_min}) must be below diffusion.timesteps ({timesteps})")
+        return self
+
+    @model_validator(mode="after")
+    def _guidance_interval_holds_a_step(self) -> Params:
+        # An interval between the sampler's steps would silently turn CFG off: refuse it.
+        sp, timesteps = self.sample, self.diffusion.timesteps
+        if sp.guidance_interval is None:
+            return self
+        lo, hi = sp.guidance_interval
+        if lo > hi or hi >= timesteps:
+            raise ValueError(
+                f"sample.guidance_interval [{lo}, {hi}] must be [lo, hi] with lo ≤ hi < diffusion.timesteps ({timesteps})"
+            )
+        if sp.sampler == "ddpm":
+            return self  # DDPM visits every timestep
+        from ddpm_core.samplers import trailing_timesteps  # torch: only when an interval is set
+
+        visited = trailing_timesteps(timesteps, sp.steps, sp.t_min if sp.steps > 1 else None).tolist()
+        if not any(lo <= t <= hi for t in visited):
+            raise ValueError(
+                f"sample.guidance_interval [{lo}, {hi}] holds none of the {sp.steps} steps' timesteps "
+                f"({', '.join(map(str, visited))}): CFG would never apply; widen it or set it to null"
+            )
         return self
 
     @model_validator(mode="after")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from ddpm_core.unet import UNet, build_unet
 # from an MLflow run or registered model (`ddpm generate --run-id/--model`, the pyfunc).
 DEFAULT_SAMPLE = {
     "sampler": "dpmpp2m", "steps": 10, "t_min": 10, "guidance": 2.0, "eta": 0.0,
-    "autoguidance_uncond": 1.5, "autoguidance_cond": 2.0,
+    "autoguidance_uncond": 1.5, "autoguidance_cond": 2.0, "guidance_interval": None,
 }  # fmt: skip
 
 
@@ -124,7 +124,7 @@ def generate(
     desc: str = "sampling",
     guide: UNet | None = None,
     autoguidance: float = 1.0,
-    guidance_interval: tuple[int, int] | None = None,
+    guidance_interval: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """`n` uint8 images (n, 1, 28, 28), in batches; one generator feeds every batch, so
     the result depends on the seed and the batch size, not on the device. `guide` and

@@ -14,7 +14,7 @@ variance β̃_t. Like diffusers' schedulers, a sampler knows what the network pr
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 
 import torch
@@ -278,7 +278,7 @@ def sample(
     on_step: Callable[[int, torch.Tensor, torch.Tensor | None], None] | None = None,
     guide: nn.Module | None = None,
     autoguidance: float = 1.0,
-    guidance_interval: tuple[int, int] | None = None,
+    guidance_interval: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Draw `shape` images in [−1, 1]. All noise comes from the CPU `generator`, so the
     same seed gives the same images on any device (up to the device's arithmetic).

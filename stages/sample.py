@@ -1,6 +1,7 @@
 """Stage sample: draw images from the EMA weights of both diffusion models.
 
-With `sample.sampler`, `sample.steps`, `sample.guidance` (and `sample.eta`), and
+With `sample.sampler`, `sample.steps`, `sample.guidance` (at the steps of
+`sample.guidance_interval`; and `sample.eta`), and
 autoguidance by each model's guide (models/<kind>_guide.pt, an earlier EMA snapshot of
 the same training) at `sample.autoguidance_uncond` / `sample.autoguidance_cond`, draws
 `evaluate.num_samples` unconditional images and as many conditional ones, balanced over
@@ -67,7 +68,7 @@ def run(params: Params) -> None:
             images = generate(
                 models[kind], sampler, n, generator, labels,
                 sp.guidance if conditional else 1.0, sp.batch_size, device, autocast, desc=f"sample {kind}",
-                guide=guides[kind], autoguidance=weights[kind],
+                guide=guides[kind], autoguidance=weights[kind], guidance_interval=sp.guidance_interval,
             )  # fmt: skip
             rates[kind] = n / (time.perf_counter() - started)
             if labels is not None:  # conditional
@@ -90,7 +91,7 @@ def run(params: Params) -> None:
             images = generate(
                 models["cond"], sampler, sweep_n, generator, labels,
                 w, sp.batch_size, device, autocast, desc=f"sweep guidance {w:g}",
-                guide=guides["cond"], autoguidance=sp.autoguidance_cond,
+                guide=guides["cond"], autoguidance=sp.autoguidance_cond, guidance_interval=sp.guidance_interval,
             )  # fmt: skip
             save_samples(sweep_samples_path(OUT, w), images, labels)
         for a in params.evaluate.autoguidance_sweep:

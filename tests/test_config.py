@@ -116,6 +116,25 @@ def test_last_timestep_must_leave_room_for_every_step():
     parse_params(tiny_raw(sample={"t_min": None}))
 
 
+def test_guidance_interval_is_two_ordered_timesteps_holding_a_step():
+    parse_params(tiny_raw(sample={"guidance_interval": None}))
+    assert parse_params(tiny_raw(sample={"guidance_interval": [0, 340]})).sample.guidance_interval == [0, 340]
+    assert error_of(sample={"guidance_interval": [340, 0]}) == (
+        "params.yaml: sample.guidance_interval [340, 0] must be [lo, hi] with lo ≤ hi < diffusion.timesteps (1000)"
+    )
+    assert "lo ≤ hi < diffusion.timesteps (1000)" in error_of(sample={"guidance_interval": [0, 1000]})
+    assert error_of(sample={"guidance_interval": [0]}).startswith("params.yaml: sample.guidance_interval = [0]:")
+    assert error_of(sample={"guidance_interval": [-1, 5]}).startswith("params.yaml: sample.guidance_interval.0 = -1:")
+    assert error_of(sample={"guidance_interval": 340}).startswith("params.yaml: sample.guidance_interval = 340:")
+    # Between two of the 10 steps (999, 889, …, 120, 10): guidance would silently never apply.
+    assert error_of(sample={"steps": 10, "t_min": 10, "guidance_interval": [500, 540]}) == (
+        "params.yaml: sample.guidance_interval [500, 540] holds none of the 10 steps' timesteps "
+        "(999, 889, 779, 669, 559, 450, 340, 230, 120, 10): CFG would never apply; widen it or set it to null"
+    )
+    parse_params(tiny_raw(sample={"steps": 10, "t_min": 10, "guidance_interval": [450, 450]}))  # one step
+    parse_params(tiny_raw(sample={"sampler": "ddpm", "guidance_interval": [500, 500]}))  # DDPM visits every t
+
+
 def test_autoguidance_and_budget_keys_are_checked_and_named():
     assert error_of(train={"guide_at": 0}).startswith("params.yaml: train.guide_at = 0:")
     assert error_of(train={"guide_at": 1.5}).startswith("params.yaml: train.guide_at = 1.5:")

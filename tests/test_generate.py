@@ -16,7 +16,7 @@ from conftest import clean_env, tiny_raw
 from ddpm_core.animation import FRAME_MS, LAST_FRAME_MS, FrameRecorder, gif_size
 from ddpm_core.cli import FALLBACK_SAMPLE, main
 from ddpm_core.config import parse_params
-from ddpm_core.samplers import DPMSolverPPSampler, sample
+from ddpm_core.samplers import DPMSolverPPSampler, sample, trailing_timesteps
 from ddpm_core.schedule import make_schedule
 from ddpm_core.unet import build_unet
 
@@ -167,6 +167,26 @@ def test_autoguidance_samples_with_the_guide_file(project, capsys):
     assert (project / "guide_alone.png").read_bytes() == (project / "guide_as_model.png").read_bytes()
     generate("--prompt", "3 1", "--n", "2", "--autoguidance", "1.5", "--out", "c.png")
     assert "wrote c.png: 4 images (digits 3 1, guidance 2, autoguidance 1.5; dpmpp2m" in capsys.readouterr().out
+
+
+def test_guidance_interval_is_named_and_must_hold_a_step(project, capsys):
+    generate("--prompt", "3", "--n", "2", "--guidance-interval", "0:999", "--out", "a.png")
+    assert "wrote a.png: 2 images (digits 3, guidance 2 at t in [0, 999]; dpmpp2m" in capsys.readouterr().out
+    generate("--prompt", "3", "--n", "2", "--guidance-interval", "all", "--out", "b.png")
+    assert "wrote b.png: 2 images (digits 3, guidance 2; dpmpp2m" in capsys.readouterr().out
+    visited = trailing_timesteps(1000, STEPS, 10).tolist()
+    gap = (visited[-1] + 1, visited[-2] - 1)  # between the last two steps
+    with pytest.raises(SystemExit) as exit_info:
+        generate("--prompt", "3", "--guidance-interval", f"{gap[0]}:{gap[1]}")
+    assert exit_info.value.code != 0
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: guidance interval {gap[0]}:{gap[1]} holds none of the sampler's timesteps "
+        f"({', '.join(map(str, visited))}): guidance would never apply; widen it, or give --guidance-interval all"
+    ]
+    for bad in ("340:0", "a:b", "10"):
+        with pytest.raises(SystemExit):
+            generate("--prompt", "3", "--guidance-interval", bad)
+        assert "must be LO:HI, two timesteps with LO ≤ HI" in capsys.readouterr().err
 
 
 def test_autoguidance_without_its_guide_is_one_line_naming_the_file(project, capsys):
