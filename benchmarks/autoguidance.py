@@ -152,6 +152,7 @@ def main() -> None:
                             "setting": setting, "model": kind, "seed": seed, "guide_at": fraction,
                             "guide_step": run["steps"][fraction], "autoguidance": w, "cfg": cfg if conditional else None,
                             "cfg_interval": "all" if span is None else f"{span[0]}:{span[1]}",
+                            "cfg_steps": sum(span is None or span[0] <= t <= span[1] for t in sampler.timesteps.tolist()),
                             "train_s": round(run["train_s"]), "train_img_s": round(run["images_per_s"]),
                             "sample_img_s": round(n / seconds, 1),
                             "fid_x_floor": round(s["fid_over_floor"], 2), "fid_alt_x_floor": round(s["fid_alt_over_floor"], 2),
