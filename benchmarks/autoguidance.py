@@ -42,6 +42,7 @@ from ddpm_core.data import NUM_CLASSES, ImageSet, load_images  # noqa: E402
 from ddpm_core.evaluation import SampleScorer, judge_features, load_judges  # noqa: E402
 from ddpm_core.files import load_safe, save_atomic  # noqa: E402
 from ddpm_core.generation import balanced_labels, generate, sampler_for  # noqa: E402
+from ddpm_core.samplers import guided_timesteps  # noqa: E402
 from ddpm_core.seeding import derived_seed  # noqa: E402
 from ddpm_core.train import TrainingPlan, train_diffusion  # noqa: E402
 from ddpm_core.unet import UNet, build_unet  # noqa: E402
@@ -152,7 +153,7 @@ def main() -> None:
                             "setting": setting, "model": kind, "seed": seed, "guide_at": fraction,
                             "guide_step": run["steps"][fraction], "autoguidance": w, "cfg": cfg if conditional else None,
                             "cfg_interval": "all" if span is None else f"{span[0]}:{span[1]}",
-                            "cfg_steps": sum(span is None or span[0] <= t <= span[1] for t in sampler.timesteps.tolist()),
+                            "cfg_steps": len(guided_timesteps(sampler.timesteps.tolist(), span)),
                             "train_s": round(run["train_s"]), "train_img_s": round(run["images_per_s"]),
                             "sample_img_s": round(n / seconds, 1),
                             "fid_x_floor": round(s["fid_over_floor"], 2), "fid_alt_x_floor": round(s["fid_alt_over_floor"], 2),

@@ -20,7 +20,7 @@ from ddpm_core.errors import CheckpointError, ConfigError, DDPMError, exit_on_er
 from ddpm_core.files import write_atomic
 from ddpm_core.generation import DEFAULT_SAMPLE, load_unet, params_from_logged, sampler_for
 from ddpm_core.prompts import CLASS_NAMES, accepted, parse_dataset_prompt
-from ddpm_core.samplers import SAMPLERS, sample
+from ddpm_core.samplers import SAMPLERS, guided_timesteps, sample
 from ddpm_core.seeding import seed_everything
 from ddpm_core.unet import UNet
 from ddpm_core.viz import image_grid
@@ -298,7 +298,7 @@ def generate(args: argparse.Namespace) -> None:
         )
     sampler = sampler_for(diffusion, {**defaults, "sampler": sampler_name}, steps)
     visited = sampler.timesteps.tolist()
-    if classes and interval is not None and not any(interval[0] <= t <= interval[1] for t in visited):
+    if classes and interval is not None and not guided_timesteps(visited, interval):
         raise UsageError(
             f"guidance interval {interval[0]}:{interval[1]} holds none of the sampler's timesteps "
             f"({', '.join(map(str, visited[:12]))}{', …' if len(visited) > 12 else ''}): guidance would never apply; "

@@ -200,10 +200,10 @@ class Params(_Section):
             )
         if sp.sampler == "ddpm":
             return self  # DDPM visits every timestep
-        from ddpm_core.samplers import trailing_timesteps  # torch: only when an interval is set
+        from ddpm_core.samplers import guided_timesteps, trailing_timesteps  # torch: only when an interval is set
 
         visited = trailing_timesteps(timesteps, sp.steps, sp.t_min if sp.steps > 1 else None).tolist()
-        if not any(lo <= t <= hi for t in visited):
+        if not guided_timesteps(visited, (lo, hi)):
             raise ValueError(
                 f"sample.guidance_interval [{lo}, {hi}] holds none of the {sp.steps} steps' timesteps "
                 f"({', '.join(map(str, visited))}): CFG would never apply; widen it or set it to null"

@@ -265,6 +265,12 @@ def guided_output(
     return out + cfg_term if use_cfg else out
 
 
+def guided_timesteps(timesteps: Sequence[int], interval: Sequence[int] | None) -> list[int]:
+    """The timesteps among `timesteps` at which CFG applies: those with lo ≤ t ≤ hi for
+    `interval` (lo, hi), every one for None."""
+    return [t for t in timesteps if interval is None or interval[0] <= t <= interval[1]]
+
+
 @torch.inference_mode()
 def sample(
     model: nn.Module,
@@ -295,10 +301,11 @@ def sample(
     labels = labels.to(device) if labels is not None else None
     if on_step is not None:
         on_step(0, x, None)
+    guided = set(guided_timesteps(sampler.timesteps.tolist(), guidance_interval))
     for i, t in enumerate(sampler.timesteps.tolist()):
         t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
         with autocast():
-            w_cfg = guidance if guidance_interval is None or guidance_interval[0] <= t <= guidance_interval[1] else 1.0
+            w_cfg = guidance if t in guided else 1.0
             output = guided_output(model, x, t_batch, labels, w_cfg, guide, autoguidance).float()
         noise = draw_noise(shape, generator, sampler.offset_noise).to(device)
         x_next = sampler.step(x, output, i, noise)
