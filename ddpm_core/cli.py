@@ -14,7 +14,14 @@ from tqdm import tqdm
 
 from ddpm_core import envvars, hardware
 from ddpm_core.animation import FrameRecorder, save_gif
-from ddpm_core.config import MAX_GUIDANCE, MAX_SEED, MAX_TIMESTEPS, DiffusionParams, load_params
+from ddpm_core.config import (
+    MAX_GUIDANCE,
+    MAX_SEED,
+    MAX_TIMESTEPS,
+    DiffusionParams,
+    load_params,
+    parse_guidance_interval,
+)
 from ddpm_core.data import DATASETS
 from ddpm_core.errors import CheckpointError, ConfigError, DDPMError, exit_on_error
 from ddpm_core.files import write_atomic
@@ -98,13 +105,13 @@ def _weight(text: str) -> float:
 
 
 def _interval(text: str) -> list[int] | str:
-    """`LO:HI` → [LO, HI] (timesteps, LO ≤ HI); `all` (guidance at every step) stays `all`."""
-    if text == "all":
-        return text
-    parts = text.split(":")
-    if len(parts) == 2 and all(p.strip().isdigit() for p in parts) and int(parts[0]) <= int(parts[1]):
-        return [int(parts[0]), int(parts[1])]
-    raise argparse.ArgumentTypeError(f"must be LO:HI, two timesteps with LO ≤ HI (e.g. 0:340), or all; got {text!r}")
+    """`LO:HI` → [LO, HI] (timesteps, LO ≤ HI); `all` (guidance at every step) stays `all`,
+    apart from an option not given (params.yaml's interval)."""
+    try:
+        interval = parse_guidance_interval(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return "all" if interval is None else interval
 
 
 def _local_dataset() -> str:

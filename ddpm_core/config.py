@@ -31,6 +31,18 @@ MAX_TIMESTEPS = 10_000
 TRAINING_IMAGES = 60_000  # MNIST and Fashion-MNIST
 
 
+def parse_guidance_interval(text: str) -> list[int] | None:
+    """The text spelling of `sample.guidance_interval` (`ddpm generate --guidance-interval`,
+    the logged model's `guidance_interval` param): `LO:HI` → [LO, HI], two timesteps with
+    LO ≤ HI; `all` → None, guidance at every step. ValueError names what was given."""
+    if text.strip() == "all":
+        return None
+    parts = text.split(":")
+    if len(parts) == 2 and all(p.strip().isdigit() for p in parts) and int(parts[0]) <= int(parts[1]):
+        return [int(parts[0]), int(parts[1])]
+    raise ValueError(f"must be LO:HI, two timesteps with LO ≤ HI (e.g. 0:340), or all; got {text!r}")
+
+
 class DataParams(_Section):
     dataset: Literal["mnist", "fashion-mnist"]
     train_subset: int | None = Field(ge=1, le=TRAINING_IMAGES)

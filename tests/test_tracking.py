@@ -261,6 +261,55 @@ def test_the_pyfunc_samples_with_its_guide_at_the_autoguidance_weight(
         pyfunc.predict(frame, params={"autoguidance": -1.0})
 
 
+def test_the_pyfunc_guides_only_in_the_interval_it_is_given(tmp_path, guides, tiny_params, monkeypatch):
+    import mlflow.pyfunc
+    import numpy as np
+    import pandas as pd
+
+    from ddpm_core import hardware
+    from ddpm_core.generation import DEFAULT_SAMPLE, generate, load_unet, sampler_for
+
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    # Random weights whose output depends on the class (an untrained U-Net's barely does):
+    # CFG at 5 then changes the bytes.
+    net = load_unet(guides["cond"], tiny_params.model, True, torch.device("cpu"))
+    with torch.no_grad():
+        net.class_emb.weight.copy_(torch.randn(net.class_emb.weight.shape, generator=torch.Generator().manual_seed(2)))
+    path = tmp_path / "labelled.pt"
+    torch.save(net.state_dict(), path)
+    register(tmp_path, "cond", path, flatten(tiny_params))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.tracking_uri(tmp_path))
+    pyfunc = mlflow.pyfunc.load_model("models:/ddpm-mnist-cond/latest")
+
+    device = hardware.pick_device()
+    model = load_unet(path, tiny_params.model, True, device)
+    sampler = sampler_for(tiny_params.diffusion, DEFAULT_SAMPLE, 3)
+    first, middle, last = sampler.timesteps.tolist()
+    frame = pd.DataFrame({"label": [3, 1, 4, 1]})
+
+    def expected(interval):
+        images = generate(
+            model, sampler, len(frame), torch.Generator().manual_seed(7), torch.tensor(frame["label"].to_numpy()),
+            5.0, 128, device, hardware.sampling_autocast(device), guidance_interval=interval,
+        )  # fmt: skip
+        return images[:, 0].numpy()
+
+    def drawn(interval):
+        return pyfunc.predict(frame, params={"seed": 7, "steps": 3, "guidance": 5.0, "guidance_interval": interval})
+
+    every_step = expected(None)
+    early = drawn(f"{middle}:{first}")  # CFG at the first two of the three steps
+    assert np.array_equal(early, expected([middle, first])) and not np.array_equal(early, every_step)
+    assert np.array_equal(drawn("all"), every_step)
+    assert np.array_equal(pyfunc.predict(frame, params={"seed": 7, "steps": 3, "guidance": 5.0}), every_step)
+    with pytest.raises(Exception, match=r"guidance_interval must be LO:HI, two timesteps with LO ≤ HI .*got '9:3'"):
+        drawn("9:3")
+    with pytest.raises(
+        Exception, match=f"guidance_interval {last + 1}:{middle - 1} holds none of the sampler's timesteps"
+    ):
+        drawn(f"{last + 1}:{middle - 1}")
+
+
 def test_bad_model_uris_and_a_foreign_registered_model_are_one_line_and_leave_nothing(tmp_path, weights, monkeypatch):
     from mlflow.tracking import MlflowClient
 

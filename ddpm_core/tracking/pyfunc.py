@@ -17,6 +17,11 @@ from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
 
+def _interval_text(interval: object) -> str:
+    """sample.guidance_interval in the spelling of `ddpm generate`: `LO:HI`, or `all`."""
+    return "all" if interval is None else ":".join(str(t) for t in cast("list[int]", interval))
+
+
 def _signature(kind: str) -> ModelSignature:
     """Input: one row per image (column `label`, the class, for the conditional model; any
     column for the unconditional one); params: the sampler's; output: uint8 (N, 28, 28)."""
@@ -29,6 +34,7 @@ def _signature(kind: str) -> ModelSignature:
         ParamSpec("seed", "long", 0), ParamSpec("sampler", "string", DEFAULT_SAMPLE["sampler"]),
         ParamSpec("steps", "long", DEFAULT_SAMPLE["steps"]), ParamSpec("guidance", "double", DEFAULT_SAMPLE["guidance"]),
         ParamSpec("autoguidance", "double", float(cast(float, DEFAULT_SAMPLE[f"autoguidance_{kind}"]))),
+        ParamSpec("guidance_interval", "string", _interval_text(DEFAULT_SAMPLE["guidance_interval"])),
     ])  # fmt: skip
     return ModelSignature(
         inputs=Schema(columns), outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 28, 28))]), params=params
@@ -49,8 +55,10 @@ def _requirements() -> list[str]:
 class DigitSampler(PythonModel):
     """The pyfunc flavour of a trained model: `mlflow.pyfunc.load_model(uri).predict(df)`
     draws one image per row of `df` (the conditional model reads the class from its
-    `label` column), with params seed, sampler, steps, guidance and autoguidance, and
-    returns them as uint8 (N, 28, 28). The same input and params give the same bytes.
+    `label` column), with params seed, sampler, steps, guidance, autoguidance and
+    guidance_interval (`LO:HI`: CFG only at the steps with LO ≤ t ≤ HI, as
+    sample.guidance_interval; `all`: every step), and returns them as uint8 (N, 28, 28).
+    The same input and params give the same bytes.
     A model logged with a guide samples with autoguidance at the weight `autoguidance`
     (default: DEFAULT_SAMPLE's for its kind); one logged without samples as before, the
     weight unused. Needs ddpm_core importable (this project installed) where it is loaded."""
@@ -73,8 +81,10 @@ class DigitSampler(PythonModel):
         import torch
 
         from ddpm_core import hardware
+        from ddpm_core.config import parse_guidance_interval
         from ddpm_core.data import NUM_CLASSES
         from ddpm_core.generation import DEFAULT_SAMPLE, generate, sampler_for
+        from ddpm_core.samplers import guided_timesteps
 
         p = {**DEFAULT_SAMPLE, **(params or {})}
         labels = None
@@ -87,6 +97,22 @@ class DigitSampler(PythonModel):
         if not (math.isfinite(autoguidance) and autoguidance >= 0):
             raise ValueError(f"autoguidance must be a finite weight, 0 or more; got {given}")
         sampler = sampler_for(self.diffusion, p, int(p["steps"]))
+        given_interval = (params or {}).get("guidance_interval")
+        try:
+            interval = (
+                cast("list[int] | None", DEFAULT_SAMPLE["guidance_interval"])
+                if given_interval is None
+                else parse_guidance_interval(str(given_interval))
+            )
+        except ValueError as error:
+            raise ValueError(f"guidance_interval {error}") from None
+        visited = sampler.timesteps.tolist()
+        if labels is not None and interval is not None and not guided_timesteps(visited, interval):
+            raise ValueError(
+                f"guidance_interval {_interval_text(interval)} holds none of the sampler's timesteps "
+                f"({', '.join(map(str, visited[:12]))}{', …' if len(visited) > 12 else ''}): guidance would never apply; "
+                "widen it, or give all"
+            )
         generator = torch.Generator().manual_seed(int(p["seed"]))
         guidance = float(p["guidance"]) if labels is not None else 1.0
         autocast = hardware.sampling_autocast(self.device)
@@ -103,6 +129,7 @@ class DigitSampler(PythonModel):
             desc="pyfunc",
             guide=self.guide,
             autoguidance=autoguidance,
+            guidance_interval=interval if labels is not None else None,
         )
         return images[:, 0].numpy()
 
