@@ -3,6 +3,7 @@
     python benchmarks/autoguidance.py --models uncond --guide-at 0.0625 0.125 0.25 --weights 1 1.5 2 --seeds 0 1
     python benchmarks/autoguidance.py --models cond --guide-at 0.125 --weights 1 1.5 2 --cfg 1 1.5 2.5
     python benchmarks/autoguidance.py train.cond_share=0.25 --models cond --guide-at 0.125 --weights 2 --cfg 1.5
+    python benchmarks/autoguidance.py epochs=8 --from-models ../long8/models --weights 1 1.5 --steps 10 20 --seeds 0 1
 
 Takes params.yaml with the `key=value` overrides (as `dvc exp run -S`), trains each model
 of --models once with the pipeline's own `train_diffusion`, keeping the EMA weights at
@@ -11,7 +12,10 @@ a snapshot of the same run), then for every seed, guide, autoguidance weight and
 conditional model) CFG weight draws `evaluate.num_samples` images with the default sampler
 and scores them as the evaluate stage does (`SampleScorer`: FID × floor in both judges'
 spaces, class spread, accuracy, exact-zero pixels) plus precision/recall (k = 3) in both
-spaces. Weight 1 is the model alone (no guide). Prints a row per setting and appends it to
+spaces. Weight 1 is the model alone (no guide). `--from-models DIR` takes the models a
+pipeline run trained instead (DIR/<kind>.pt and <kind>_guide.pt, the guide at the run's
+train.guide_at; give the run's overrides too, `epochs=8`); `--steps` varies the sampler's
+steps. Prints a row per setting and appends it to
 benchmarks/autoguidance.csv; trained weights are cached in benchmarks/.cache/. Needs
 data/dataset and the judges (`dvc repro fetch_data train_evaluator`). Keep the machine
 otherwise idle: the minutes are this process's.
@@ -82,6 +86,20 @@ def trained(params: Params, kind: str, fractions: list[float], data: ImageSet, d
     return cached
 
 
+def from_pipeline(params: Params, kind: str, models: Path) -> dict:
+    """`trained`'s dict for the models a pipeline run left in `models` (its guide is the one
+    snapshot, at train.guide_at; the minutes from the run's reports/train_<kind>.json)."""
+    fraction = params.train.guide_at
+    record = json.loads((models.parent / "reports" / f"train_{kind}.json").read_text())
+    return {
+        "weights": load_safe(models / f"{kind}.pt"),
+        "by_fraction": {fraction: load_safe(models / f"{kind}_guide.pt")},
+        "steps": {fraction: record["guide_step"]},
+        "train_s": record["train_seconds"],
+        "images_per_s": record["images_per_s"],
+    }
+
+
 def network(params: Params, weights: dict, conditional: bool, device: torch.device) -> UNet:
     model = build_unet(params.model, NUM_CLASSES if conditional else None)
     model.load_state_dict(weights)
@@ -106,6 +124,9 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--intervals", nargs="+", type=interval, default=[None], metavar="LO:HI",
                         help="timesteps CFG applies at (sample.guidance_interval), `all` for every step")  # fmt: skip
+    parser.add_argument("--steps", nargs="+", type=int, default=None, help="sampler steps (default: sample.steps)")
+    parser.add_argument("--from-models", type=Path, metavar="DIR",
+                        help="a pipeline run's models/ (its <kind>.pt and <kind>_guide.pt) instead of training")  # fmt: skip
     args = parser.parse_args()
 
     hardware.configure_threads()
@@ -123,13 +144,21 @@ def main() -> None:
     scorer = SampleScorer(judges, test, data.images[:n] if params.data.train_subset is None else
                           load_images(data_dir, params.data.dataset, train=True, subset=n).images)  # fmt: skip
     real_features = {name: judge_features(j, test[:n]) for name, j in judges.items()}
-    sampler = sampler_for(params.diffusion, params.sample.model_dump())
+    samplers = {
+        k: sampler_for(params.diffusion, params.sample.model_dump(), k) for k in args.steps or [params.sample.steps]
+    }
+    if args.from_models:
+        args.guide_at = [params.train.guide_at]
     autocast = hardware.sampling_autocast(device)
 
     rows = []
     for kind in args.models:
         conditional = kind == "cond"
-        run = trained(params, kind, args.guide_at, data, device)
+        run = (
+            from_pipeline(params, kind, args.from_models)
+            if args.from_models
+            else trained(params, kind, args.guide_at, data, device)
+        )
         model = network(params, run["weights"], conditional, device)
         cfgs = (args.cfg or [params.sample.guidance]) if conditional else [1.0]
         for seed in args.seeds:
@@ -138,13 +167,16 @@ def main() -> None:
                 for w in args.weights:
                     if w == 1 and fraction != args.guide_at[0]:
                         continue  # the model alone: one row per seed and CFG weight is enough
-                    for cfg, span in [(c, i) for c in cfgs for i in (args.intervals if conditional else [None])]:
+                    spans = args.intervals if conditional else [None]
+                    for cfg, span, (steps, sampler) in [
+                        (c, i, k) for c in cfgs for i in spans for k in samplers.items()
+                    ]:
                         labels = balanced_labels(n) if conditional else None
                         generator = torch.Generator().manual_seed(derived_seed(seed, f"sample/{kind}"))
                         started = time.perf_counter()
                         images = generate(
                             model, sampler, n, generator, labels, cfg, params.sample.batch_size, device, autocast,
-                            desc=f"{kind} guide@{fraction:g} w{w:g} cfg{cfg:g} seed{seed}", guide=guide, autoguidance=w,
+                            desc=f"{kind} guide@{fraction:g} w{w:g} cfg{cfg:g} {steps} steps seed{seed}", guide=guide, autoguidance=w,
                             guidance_interval=span,
                         )  # fmt: skip
                         seconds = time.perf_counter() - started
@@ -152,6 +184,7 @@ def main() -> None:
                         row = {
                             "setting": setting, "model": kind, "seed": seed, "guide_at": fraction,
                             "guide_step": run["steps"][fraction], "autoguidance": w, "cfg": cfg if conditional else None,
+                            "steps": steps, "models": str(args.from_models or "trained here"),
                             "cfg_interval": "all" if span is None else f"{span[0]}:{span[1]}",
                             "cfg_steps": len(guided_timesteps(sampler.timesteps.tolist(), span)),
                             "train_s": round(run["train_s"]), "train_img_s": round(run["images_per_s"]),
@@ -176,7 +209,8 @@ def main() -> None:
     table = pd.DataFrame(rows)
     out = Path(__file__).with_name("autoguidance.csv")
     kept = pd.read_csv(out) if out.exists() else None  # rows of older runs may lack newer columns
-    (table if kept is None else pd.concat([kept, table], ignore_index=True)).to_csv(out, index=False)
+    joined = table if kept is None else pd.concat([kept, table], ignore_index=True)
+    joined.convert_dtypes().to_csv(out, index=False)  # integer columns stay integers beside older rows' blanks
     print(table.to_string(index=False))
 
 
