@@ -11,7 +11,7 @@ import sys
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import clean_env
+from conftest import clean_env, run
 from ddpm_core.tracking import EXPERIMENT, ROLE_TAG
 
 
@@ -51,6 +51,38 @@ def test_a_kept_run_has_the_runs_bytes_and_a_readme_that_says_how_it_was_made(ti
     metrics = json.loads((project / "reports/metrics.json").read_text())
     assert (
         f"| conditional | {metrics['fid_cond_over_floor']:.2f}× | {metrics['fid_alt_cond_over_floor']:.2f}× |" in text
+    )
+
+
+def test_a_training_stage_an_earlier_execution_ran_counts_its_epochs(tiny_pipeline_copy):
+    # A resumed long run, or one whose params changed for one model only: the newest
+    # execution trained train_cond, while train_uncond's outputs are DVC's from the first.
+    project = tiny_pipeline_copy
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["train_cond"]["p_uncond"] = 0.2
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    run(["dvc", "repro"], project)
+
+    done = keep(project, "reports/kept", "--command", "dvc exp run -S train_cond.p_uncond=0.2")
+    assert done.returncode == 0, done.stderr
+    text = (project / "reports/kept/README.md").read_text()
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    newest = client.search_runs(
+        [experiment.experiment_id], f"tags.`{ROLE_TAG}` = 'pipeline'", order_by=["attributes.start_time DESC"]
+    )[0]
+    stages = {
+        r.info.run_name: r
+        for r in client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{newest.info.run_id}'")
+    }
+    assert "train_uncond" not in stages and "train_cond" in stages  # DVC skipped the unchanged model
+    assert f"MLflow run `{newest.info.run_name}`" in text
+    cond = stages["train_cond"]
+    assert f"| train_cond | {(cond.info.end_time - cond.info.start_time) / 60_000:.1f} | its MLflow run |" in text
+    seconds = json.loads((project / "reports/train_uncond.json").read_text())["train_seconds"]
+    assert (
+        f"| train_uncond | {seconds / 60:.1f} | its epochs (reports/train_uncond.json): an earlier execution trained it |"
+        in text
     )
 
 

@@ -8,7 +8,8 @@ apply <name>` brings back another). It copies the samples (data/samples/uncond.n
 cond.npz, the format `ddpm score` and the evaluate stage read), the sample grids, the loss
 curves and the metrics into DEST, and writes DEST/README.md: the command, the params that
 differ from the committed params.yaml, the minutes of each stage (from the MLflow runs of
-the newest execution that trained), the CPU with its flags, the versions, and the key
+the newest execution that trained; a training stage an earlier execution ran, which DVC then
+kept, or one resumed after an interruption, by its every epoch in reports/train_<kind>.json), the CPU with its flags, the versions, and the key
 numbers of both judges. Nothing is written unless every input is there.
 """
 
@@ -90,9 +91,36 @@ def key_numbers(metrics: dict) -> list[str]:
     ]
 
 
+def minutes_table(root: Path) -> tuple[str, list[str]]:
+    """The heading's MLflow run and the rows of the minutes table. A training stage counts its
+    epochs from reports/train_<kind>.json where the MLflow run of the newest execution lacks
+    it (an earlier execution trained it and DVC kept the outputs) or holds less of it (the
+    stage resumed after an interruption: the run covers the epochs after the resume)."""
+    execution, minutes = stage_minutes(root)
+    notes = {}
+    for kind in ("uncond", "cond"):
+        stage = f"train_{kind}"
+        epochs = json.loads((root / f"reports/{stage}.json").read_text())["train_seconds"] / 60
+        if stage not in minutes:
+            minutes[stage], notes[stage] = (
+                epochs,
+                "its epochs (reports/" + stage + ".json): an earlier execution trained it",
+            )
+        elif epochs > minutes[stage]:
+            minutes[stage], notes[stage] = (
+                epochs,
+                "its epochs (reports/" + stage + ".json): resumed, the run holds the last part",
+            )
+    rows = [
+        f"| {stage} | {m:.1f} | {notes.get(stage, 'its MLflow run')} |"
+        for stage, m in sorted(minutes.items(), key=lambda kv: -kv[1])
+    ]
+    return execution, [*rows, f"| all | {sum(minutes.values()):.1f} | |"]
+
+
 def readme(dest: Path, command: str, root: Path) -> str:
     metrics = json.loads((root / "reports/metrics.json").read_text())
-    execution, minutes = stage_minutes(root)
+    execution, rows = minutes_table(root)
     changed = changed_params(root)
     env = environment.describe(root)
     lines = [
@@ -112,10 +140,9 @@ def readme(dest: Path, command: str, root: Path) -> str:
         "",
         f"## Minutes per stage (MLflow run `{execution}`)",
         "",
-        "| stage | minutes |",
-        "|---|---|",
-        *(f"| {stage} | {m:.1f} |" for stage, m in sorted(minutes.items(), key=lambda kv: -kv[1])),
-        f"| all | {sum(minutes.values()):.1f} |",
+        "| stage | minutes | from |",
+        "|---|---|---|",
+        *rows,
         "",
         "## Key numbers (the evaluate stage: 1,000 samples a model, both judges)",
         "",
