@@ -49,6 +49,7 @@ def test_a_kept_run_has_the_runs_bytes_and_a_readme_that_says_how_it_was_made(ti
     assert f"MLflow run `{parent.info.run_name}`" in text
     assert "cores" in text and "torch " in text
     metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert f"the evaluate stage: {metrics['num_samples']} samples a model" in text  # the run's own count
     assert (
         f"| conditional | {metrics['fid_cond_over_floor']:.2f}× | {metrics['fid_alt_cond_over_floor']:.2f}× |" in text
     )

@@ -144,7 +144,7 @@ def readme(dest: Path, command: str, root: Path) -> str:
         "|---|---|---|",
         *rows,
         "",
-        "## Key numbers (the evaluate stage: 1,000 samples a model, both judges)",
+        f"## Key numbers (the evaluate stage: {metrics['num_samples']:,} samples a model, both judges)",
         "",
         *key_numbers(metrics),
         "",
