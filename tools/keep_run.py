@@ -101,16 +101,9 @@ def minutes_table(root: Path) -> tuple[str, list[str]]:
     for kind in ("uncond", "cond"):
         stage = f"train_{kind}"
         epochs = json.loads((root / f"reports/{stage}.json").read_text())["train_seconds"] / 60
-        if stage not in minutes:
-            minutes[stage], notes[stage] = (
-                epochs,
-                "its epochs (reports/" + stage + ".json): an earlier execution trained it",
-            )
-        elif epochs > minutes[stage]:
-            minutes[stage], notes[stage] = (
-                epochs,
-                "its epochs (reports/" + stage + ".json): resumed, the run holds the last part",
-            )
+        if epochs > minutes.get(stage, 0.0):
+            why = "resumed, the run holds the last part" if stage in minutes else "an earlier execution trained it"
+            minutes[stage], notes[stage] = epochs, f"its epochs (reports/{stage}.json): {why}"
     rows = [
         f"| {stage} | {m:.1f} | {notes.get(stage, 'its MLflow run')} |"
         for stage, m in sorted(minutes.items(), key=lambda kv: -kv[1])
