@@ -285,6 +285,7 @@ class Trained:
     model: nn.Module
     guide: nn.Module | None = None
     planned_steps: int | None = None
+    last_step_s: float = 0.0  # on the clock (theirs): the last step's seconds, begun within the budget
 
 
 def train_theirs(
@@ -298,7 +299,7 @@ def train_theirs(
     run = TheirTraining(net, planned, hardware.autocast_factory(precision, device))
     generator = torch.Generator().manual_seed(derived_seed(params.seed, f"peers/{recipe}/{desc}/train"))
     batches = Batches(data, batch_size, params.train_cond.p_uncond if conditional else None, generator)
-    trained, steps, images = 0.0, 0, 0
+    trained, steps, images, seconds = 0.0, 0, 0, 0.0
     bar = tqdm(total=round(budget_s, 1), desc=desc, unit="s", mininterval=1.0, dynamic_ncols=True)
     # At least one step (a tiny test budget can be below one step's time); then on the clock.
     while steps == 0 or (steps < planned and trained + trained / steps <= budget_s):
@@ -316,7 +317,7 @@ def train_theirs(
     bar.close()
     params_m = sum(p.numel() for p in net.parameters()) / 1e6
     model = hardware.place_model(run.ema_network(), device, hardware.sampling_precision(device))
-    return Trained(trained, steps, images, params_m, model, planned_steps=planned)
+    return Trained(trained, steps, images, params_m, model, planned_steps=planned, last_step_s=seconds)
 
 
 @torch.inference_mode()
@@ -672,6 +673,7 @@ def run(args: argparse.Namespace) -> None:
             "recipe": recipe, "model": kind, "budget": b, "sampler": sampler,
             "minutes": trained.train_s / 60, "budget_minutes": measured[(kind, b)] / 60,
             "train_s": trained.train_s, "steps": trained.steps, "planned_steps": trained.planned_steps,
+            "last_step_s": trained.last_step_s,
             "train_img_s": trained.images / trained.train_s if trained.train_s else 0.0,
             "params_m": trained.params_m, "samples": len(images), "sample_img_s": len(images) / seconds,
             **judging.score(images, labels),
