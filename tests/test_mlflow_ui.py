@@ -20,6 +20,8 @@ Needs Debian's `chromium` and `chromium-driver` (.ci/run installs them).
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import shutil
 import signal
@@ -29,9 +31,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 from mlflow.tracking import MlflowClient
+from PIL import Image
 from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.service import Service
@@ -241,14 +245,48 @@ def chart_card(driver: WebDriver, title: str) -> WebElement | None:
     return None
 
 
-def grid_src_at_step(driver: WebDriver, step: int) -> str | None:
+def logged_grids(client: MlflowClient, run_id: str, folder: Path) -> dict[int, list[np.ndarray]]:
+    """The run's "samples" grids as logged, by step: each step's PNG and the compressed
+    WebP MLflow writes beside it for its UI, in grey levels."""
+    grids: dict[int, list[np.ndarray]] = {}
+    for artifact in client.list_artifacts(run_id, "images"):
+        name = artifact.path.rsplit("/", 1)[-1]
+        if name.startswith("samples+step+"):
+            path = client.download_artifacts(run_id, artifact.path, str(folder))
+            grey = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
+            grids.setdefault(int(name.split("+")[2]), []).append(grey)
+    return grids
+
+
+def distances(shown: np.ndarray, grids: dict[int, list[np.ndarray]]) -> dict[int, float]:
+    """Mean absolute grey-level difference (0-255) between the grid the browser shows and
+    each logged step's, the logged one resized to the size shown; the nearer of PNG and WebP."""
+    size = (shown.shape[1], shown.shape[0])
+    return {
+        step: min(
+            float(np.abs(np.asarray(Image.fromarray(g).resize(size, Image.Resampling.BILINEAR)) - shown).mean())
+            for g in variants
+        )
+        for step, variants in grids.items()
+    }
+
+
+# A grid the browser shows is the logged one when nearer to it than this, in grey levels:
+# the same file decoded (WebP is lossy, and the UI may scale) differs by a few levels; the
+# tiny run's grids at two steps differ by tens.
+SAME_GRID = 6.0
+
+
+def grid_at_step(driver: WebDriver, step: int, grids: dict[int, list[np.ndarray]]) -> dict | None:
     """One poll: the "samples" image card's slider one arrow key nearer to `step`, as a user
-    would move it (it starts at 0, below the first step); once there, the card's decoded
-    <img> of that step's src, else None. The card's state is read in one script, which
-    React cannot re-render halfway through; only the key press goes through WebDriver."""
+    would move it (it starts below the first step); once there, the grid the card shows,
+    if it is the one logged at `step`: {"pixels", "distances"}; else None. The card's state
+    is read in one script, which React cannot re-render halfway through; only the key press
+    goes through WebDriver. The grid is told by its pixels, not its URL: MLflow 3.17 shows
+    the artifact's URL, 3.18 an anonymous blob."""
     if chart_card(driver, "samples") is None:
         return None
-    state = driver.execute_script(GRID_STATE, step)
+    state = driver.execute_script(GRID_STATE)
     if state is None or state["now"] is None:
         return None
     if state["now"] != step:
@@ -257,19 +295,32 @@ def grid_src_at_step(driver: WebDriver, step: int) -> str | None:
         if slider:
             slider.send_keys(Keys.ARROW_RIGHT if state["now"] < step else Keys.ARROW_LEFT)
         return None
-    return state["src"]
+    if not state["pixels"]:
+        return None
+    shown = np.asarray(
+        Image.open(io.BytesIO(base64.b64decode(state["pixels"].split(",", 1)[1]))).convert("L"), dtype=np.float32
+    )
+    far = distances(shown, grids)
+    if far[step] >= SAME_GRID or min(far, key=far.__getitem__) != step:
+        return None  # still the previous step's grid, or one being decoded
+    return {"pixels": shown, "distances": far}
 
 
-def show_grid_at_step(driver: WebDriver, step: int, shots: Path, name: str) -> str:
-    """The src of the grid logged at `step`, once the slider is there and the image decoded.
+def show_grid_at_step(driver: WebDriver, step: int, grids: dict[int, list[np.ndarray]], shots: Path, name: str) -> dict:
+    """The grid the card shows at `step` (see grid_at_step), once it is the logged one.
     A 2-core machine busy with other tests renders slowly: after one timeout the page is
     loaded afresh and tried once more; a second timeout fails with what the card showed."""
     what = f"the slider at step {step} and its sample grid shown"
     for attempt in (1, 2):
         try:
-            return wait(driver, lambda d: grid_src_at_step(d, step), what)
+            return wait(driver, lambda d: grid_at_step(d, step, grids), what)
         except TimeoutException:
-            state = driver.execute_script(GRID_STATE, step)
+            state = driver.execute_script(GRID_STATE) or {}
+            if state.get("pixels"):
+                shown = Image.open(io.BytesIO(base64.b64decode(state["pixels"].split(",", 1)[1]))).convert("L")
+                state["pixels"] = f"{shown.size} image, grey levels from each step's: " + str(
+                    {k: round(v, 1) for k, v in distances(np.asarray(shown, dtype=np.float32), grids).items()}
+                )
             shot = screenshot(driver, shots, f"timeout_{name}_step{step}_try{attempt}.png")
             if attempt == 2:
                 raise AssertionError(
@@ -281,41 +332,40 @@ def show_grid_at_step(driver: WebDriver, step: int, shots: Path, name: str) -> s
     raise AssertionError("unreachable")
 
 
-def loaded_image(driver: WebDriver, card: WebElement, step: int) -> WebElement | None:
-    """The card's <img> of the image logged at `step`, once the browser has decoded it.
-    The image sits below the run's params inside the card's own scroll area, and loads
-    only when scrolled into view."""
-    driver.execute_script(SCROLL_DOWN, card)
-    for img in card.find_elements(By.TAG_NAME, "img"):
-        src = img.get_attribute("src") or ""
-        if f"step%2B{step}%2B" in src and driver.execute_script(
-            "return arguments[0].complete && arguments[0].naturalWidth > 0", img
-        ):
-            return img
-    return None
-
-
-# Scroll every scroll area inside the element arguments[0] to its end.
-SCROLL_DOWN = """for (const el of arguments[0].querySelectorAll('*'))
-  if (el.scrollHeight > el.clientHeight + 2 && /auto|scroll/.test(getComputedStyle(el).overflowY)) el.scrollTop = el.scrollHeight;"""
-
-# The "samples" image card in one read: its slider's value and maximum, its images (each
-# src, decoded or not), and the src of the decoded one logged at step arguments[0].
-# Its scroll areas are scrolled to their end first: the image loads only when in view.
-GRID_STATE = f"""
+# The "samples" image card in one read, its scroll areas first scrolled to their end (the
+# image loads only when in view): its slider's value and maximum, its images (decoded or
+# not), and the first decoded one's pixels as a PNG data URL, drawn on a canvas.
+GRID_STATE = """
 const card = [...document.querySelectorAll("[data-testid='experiment-view-compare-runs-card']")]
   .find(c => c.innerText.split('\\n')[0].trim() === 'samples');
 if (!card) return null;
-{SCROLL_DOWN.replace("arguments[0]", "card")}
+for (const el of card.querySelectorAll('*'))
+  if (el.scrollHeight > el.clientHeight + 2 && /auto|scroll/.test(getComputedStyle(el).overflowY)) el.scrollTop = el.scrollHeight;
 const slider = card.querySelector("[role='slider']");
-const imgs = [...card.querySelectorAll('img')].map(i => ({{src: i.src || '', decoded: i.complete && i.naturalWidth > 0}}));
-const hit = imgs.find(i => i.decoded && i.src.includes(`step%2B${{arguments[0]}}%2B`));
-return {{
+const imgs = [...card.querySelectorAll('img')];
+const img = imgs.find(i => i.complete && i.naturalWidth > 0);
+let pixels = null;
+if (img) {
+  const canvas = document.createElement('canvas');
+  canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+  canvas.getContext('2d').drawImage(img, 0, 0);
+  pixels = canvas.toDataURL('image/png');
+}
+return {
   now: slider ? Number(slider.getAttribute('aria-valuenow')) : null,
   max: slider ? Number(slider.getAttribute('aria-valuemax')) : null,
-  images: imgs.map(i => `${{i.decoded ? 'decoded' : 'loading'}} ${{decodeURIComponent(i.src).split('/').pop()}}`),
-  src: hit ? hit.src : null,
-}};
+  images: imgs.map(i => `${i.complete && i.naturalWidth > 0 ? 'decoded' : 'loading'} ${decodeURIComponent(i.src).split('/').pop()}`),
+  pixels: pixels,
+};
+"""
+
+# The card's decoded <img>, scrolled into view (for the README's screenshot).
+SHOW_GRID = """
+const card = [...document.querySelectorAll("[data-testid='experiment-view-compare-runs-card']")]
+  .find(c => c.innerText.split('\\n')[0].trim() === 'samples');
+const img = card && [...card.querySelectorAll('img')].find(i => i.complete && i.naturalWidth > 0);
+if (img) img.scrollIntoView({block: 'end'});
+return Boolean(img);
 """
 
 
@@ -415,14 +465,13 @@ def test_model_metrics_show_the_loss_curve_per_step_and_the_grids_during_trainin
         "the 'samples' image card",
     )
     assert int(top) == steps[-1]
-    sources = {}
-    for step in steps:
-        sources[step] = show_grid_at_step(browser, step, shots, stage)
-        assert run_id in sources[step]
-    assert len(set(sources.values())) == len(steps), "each step shows its own grid"
+    grids = logged_grids(client, run_id, shots.parent / f"grids_{stage}")
+    assert sorted(grids) == steps
+    for step in steps:  # each step shows its own grid: the logged one, nearer than any other step's
+        far = show_grid_at_step(browser, step, grids, shots, stage)["distances"]
+        assert far[step] < SAME_GRID and all(far[other] > far[step] for other in steps if other != step), far
     if stage == "train_cond":  # one grid row per digit: the README's picture, the last grid in view
-        img = wait(browser, lambda d: loaded_image(d, chart_card(d, "samples"), steps[-1]), "the last grid")
-        browser.execute_script("arguments[0].scrollIntoView({block: 'end'})", img)
+        wait(browser, lambda d: chart_card(d, "samples") and d.execute_script(SHOW_GRID), "the last grid")
         screenshot(browser, shots, "mlflow_ui.png")
     # System metrics are charted on their own tab.
     browser.get(
