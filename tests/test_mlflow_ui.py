@@ -277,16 +277,24 @@ def distances(shown: np.ndarray, grids: dict[int, list[np.ndarray]]) -> dict[int
 SAME_GRID = 6.0
 
 
+def shown_grid(state: dict) -> np.ndarray | None:
+    """The grey levels of the grid GRID_STATE drew from the card's <img>, if one was decoded."""
+    if not state.get("pixels"):
+        return None
+    png = base64.b64decode(state["pixels"].split(",", 1)[1])
+    return np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.float32)
+
+
 def grid_at_step(driver: WebDriver, step: int, grids: dict[int, list[np.ndarray]]) -> dict | None:
     """One poll: the "samples" image card's slider one arrow key nearer to `step`, as a user
     would move it (it starts below the first step); once there, the grid the card shows,
-    if it is the one logged at `step`: {"pixels", "distances"}; else None. The card's state
+    if it is the one logged at `step`: its distances to each step's; else None. The card's state
     is read in one script, which React cannot re-render halfway through; only the key press
     goes through WebDriver. The grid is told by its pixels, not its URL: MLflow 3.17 shows
     the artifact's URL, 3.18 an anonymous blob."""
     if chart_card(driver, "samples") is None:
         return None
-    state = driver.execute_script(GRID_STATE)
+    state = driver.execute_script(GRID_STATE, "samples")
     if state is None or state["now"] is None:
         return None
     if state["now"] != step:
@@ -295,49 +303,42 @@ def grid_at_step(driver: WebDriver, step: int, grids: dict[int, list[np.ndarray]
         if slider:
             slider.send_keys(Keys.ARROW_RIGHT if state["now"] < step else Keys.ARROW_LEFT)
         return None
-    if not state["pixels"]:
+    shown = shown_grid(state)
+    if shown is None:
         return None
-    shown = np.asarray(
-        Image.open(io.BytesIO(base64.b64decode(state["pixels"].split(",", 1)[1]))).convert("L"), dtype=np.float32
-    )
     far = distances(shown, grids)
     if far[step] >= SAME_GRID or min(far, key=far.__getitem__) != step:
         return None  # still the previous step's grid, or one being decoded
-    return {"pixels": shown, "distances": far}
+    return far
 
 
 def show_grid_at_step(driver: WebDriver, step: int, grids: dict[int, list[np.ndarray]], shots: Path, name: str) -> dict:
-    """The grid the card shows at `step` (see grid_at_step), once it is the logged one.
-    A 2-core machine busy with other tests renders slowly: after one timeout the page is
-    loaded afresh and tried once more; a second timeout fails with what the card showed."""
+    """The shown grid's distances to each logged step's, once the card shows the grid of
+    `step` (see grid_at_step); a timeout fails with what the card showed, and a screenshot."""
     what = f"the slider at step {step} and its sample grid shown"
-    for attempt in (1, 2):
-        try:
-            return wait(driver, lambda d: grid_at_step(d, step, grids), what)
-        except TimeoutException:
-            state = driver.execute_script(GRID_STATE) or {}
-            if state.get("pixels"):
-                shown = Image.open(io.BytesIO(base64.b64decode(state["pixels"].split(",", 1)[1]))).convert("L")
-                state["pixels"] = f"{shown.size} image, grey levels from each step's: " + str(
-                    {k: round(v, 1) for k, v in distances(np.asarray(shown, dtype=np.float32), grids).items()}
-                )
-            shot = screenshot(driver, shots, f"timeout_{name}_step{step}_try{attempt}.png")
-            if attempt == 2:
-                raise AssertionError(
-                    f"after two tries of {WAIT} s: {what}; the card showed {state}; see {shot}"
-                ) from None
-            driver.refresh()
-            wait(driver, lambda d: chart_card(d, "samples"), "the 'samples' image card, after a reload")
-            close_assistant(driver)
-    raise AssertionError("unreachable")
+    try:
+        return wait(driver, lambda d: grid_at_step(d, step, grids), what)
+    except TimeoutException:
+        state = driver.execute_script(GRID_STATE, "samples") or {}
+        shown = shown_grid(state)
+        if shown is not None:
+            far = {k: round(v, 1) for k, v in distances(shown, grids).items()}
+            state["pixels"] = f"{shown.shape[::-1]} image, grey levels from each step's: {far}"
+        shot = screenshot(driver, shots, f"timeout_{name}_step{step}.png")
+        raise AssertionError(f"after {WAIT} s: {what}; the card showed {state}; see {shot}") from None
 
 
-# The "samples" image card in one read, its scroll areas first scrolled to their end (the
+# The chart card titled arguments[0] (the scripts below start with it), or undefined.
+FIND_CARD = """
+const card = [...document.querySelectorAll("[data-testid='experiment-view-compare-runs-card']")]
+  .find(c => c.innerText.split('\\n')[0].trim() === arguments[0]);"""
+
+# The image card titled arguments[0] in one read, its scroll areas first scrolled to their end (the
 # image loads only when in view): its slider's value and maximum, its images (decoded or
 # not), and the first decoded one's pixels as a PNG data URL, drawn on a canvas.
-GRID_STATE = """
-const card = [...document.querySelectorAll("[data-testid='experiment-view-compare-runs-card']")]
-  .find(c => c.innerText.split('\\n')[0].trim() === 'samples');
+GRID_STATE = (
+    FIND_CARD
+    + """
 if (!card) return null;
 for (const el of card.querySelectorAll('*'))
   if (el.scrollHeight > el.clientHeight + 2 && /auto|scroll/.test(getComputedStyle(el).overflowY)) el.scrollTop = el.scrollHeight;
@@ -358,24 +359,27 @@ return {
   pixels: pixels,
 };
 """
+)
 
-# The card's decoded <img>, scrolled into view (for the README's screenshot).
-SHOW_GRID = """
-const card = [...document.querySelectorAll("[data-testid='experiment-view-compare-runs-card']")]
-  .find(c => c.innerText.split('\\n')[0].trim() === 'samples');
+# The decoded <img> of the image card titled arguments[0], scrolled into view (for the README's screenshot).
+SHOW_GRID = (
+    FIND_CARD
+    + """
 const img = card && [...card.querySelectorAll('img')].find(i => i.complete && i.naturalWidth > 0);
 if (img) img.scrollIntoView({block: 'end'});
 return Boolean(img);
 """
+)
 
 
 # The x values plotly draws in the chart card titled arguments[0], or null before it has.
-PLOT_X = """
-const card = [...document.querySelectorAll("[data-testid='experiment-view-compare-runs-card']")]
-  .find(c => c.innerText.split('\\n')[0].trim() === arguments[0]);
+PLOT_X = (
+    FIND_CARD
+    + """
 const plot = card && card.querySelector('.js-plotly-plot');
 return plot && plot.data && plot.data[0] && plot.data[0].x && plot.data[0].x.length ? Array.from(plot.data[0].x) : null;
 """
+)
 
 
 # --- the tests ----------------------------------------------------------------------
@@ -468,10 +472,10 @@ def test_model_metrics_show_the_loss_curve_per_step_and_the_grids_during_trainin
     grids = logged_grids(client, run_id, shots.parent / f"grids_{stage}")
     assert sorted(grids) == steps
     for step in steps:  # each step shows its own grid: the logged one, nearer than any other step's
-        far = show_grid_at_step(browser, step, grids, shots, stage)["distances"]
+        far = show_grid_at_step(browser, step, grids, shots, stage)
         assert far[step] < SAME_GRID and all(far[other] > far[step] for other in steps if other != step), far
     if stage == "train_cond":  # one grid row per digit: the README's picture, the last grid in view
-        wait(browser, lambda d: chart_card(d, "samples") and d.execute_script(SHOW_GRID), "the last grid")
+        wait(browser, lambda d: chart_card(d, "samples") and d.execute_script(SHOW_GRID, "samples"), "the last grid")
         screenshot(browser, shots, "mlflow_ui.png")
     # System metrics are charted on their own tab.
     browser.get(
